@@ -1,0 +1,248 @@
+"""`SmearConfig`: the configuration of routed expert adapters (SMEAR and the routing baselines of the paper)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .routing import ROUTING_METHODS
+
+#: Sublayers that get an expert routing block in transformer presets.
+SUBLAYERS = ("self_attention", "cross_attention", "feed_forward")
+#: Value of ``task_type`` that lets smear-peft pick the PEFT model class from the base model (see `SmearConfig`).
+AUTO_TASK_TYPE = "AUTO"
+
+
+def _fail(field_name: str, message: str) -> None:
+    raise ValueError(f"SmearConfig.{field_name}: {message}")
+
+
+@dataclass
+class SmearConfig(PeftConfig):
+    """Configuration of expert routing blocks added to a frozen model.
+
+    Each block holds ``num_experts`` bottleneck adapters (down-projection with bias, activation, up-projection without
+    bias) and a router. The block transforms the output ``y`` of the sublayer it wraps::
+
+        u  = input_norm(y)                       # identity for transformers, BatchNorm for CNN stages
+        v  = pool(u)  (decoder blocks: pool(encoder final hidden states))
+        p  = softmax(LN(v) @ LN_w(W))            # router; LN_w standardises every expert's weight vector
+        y' = y + post_norm(expert(u; routing(p)))
+
+    How ``routing(p)`` uses the experts is the ``routing`` method (SMEAR merges their parameters with ``p``).
+    The defaults are those of the authors' code for T5-v1.1 on GLUE.
+
+    Args:
+        num_experts: Number of experts per block (the paper uses 8 for GLUE, 6 for DomainNet).
+        routing: Routing method, one of ``smear``, ``top_k``, ``st_gumbel``, ``reinforce``, ``tag``, ``hash``,
+            ``monolithic``, ``ensemble``.
+        expert_dropout: Training-only probability of dropping each expert's routing probability (then renormalised).
+            Applies to learned routing methods; the paper uses 0.1 for ``smear`` and ``top_k``.
+        reduction_factor: Bottleneck size = hidden size // reduction_factor (32 in the paper: 768 -> 24).
+        bottleneck_size: Explicit bottleneck size; overrides ``reduction_factor``.
+        activation: Nonlinearity between the projections (``swish`` in the authors' code).
+        expert_init_std: Standard deviation of the normal init of every expert weight (biases start at zero).
+        router_init_scale: Std of the router weight init and initial gain of the LayerNorm over expert weight vectors.
+        pooling: How the router input is pooled over positions. ``masked_mean`` ignores padding (batch invariant,
+            our default); ``mean`` is the authors' unmasked mean over the padded batch.
+        post_norm: LayerNorm on the expert output before the residual add (on for transformers, as the authors).
+            ``None`` takes the preset's choice.
+        input_norm: ``batch_norm`` normalises the block input first (the authors' ResNet block), ``none`` does not.
+            ``None`` takes the preset's choice.
+        sublayers: Transformer sublayers that get a block: any of ``self_attention``, ``cross_attention``,
+            ``feed_forward``.
+        target_modules: Modules whose first output a block transforms. Filled from the preset of the model type when
+            not given; required for models without a preset.
+        exclude_modules: Modules never wrapped.
+        layers_to_transform: Layer indices to wrap (all when ``None``).
+        layers_pattern: Name of the layer list that ``layers_to_transform`` indexes (e.g. ``block``, ``layers``).
+        train_layer_norms: Train the backbone's layer norms beside the adapters (the authors do for T5). Adds the
+            preset's layer-norm names to ``modules_to_save``.
+        batch_norm_statistics: For backbones with BatchNorm: ``update`` lets the frozen backbone's running
+            statistics track the training data (the authors) and saves them with the adapter; ``frozen`` keeps them
+            as loaded (BatchNorm layers stay in eval mode while training).
+        modules_to_save: Extra modules trained and saved in full (e.g. a new classification head).
+        top_k: Experts used per example by ``top_k`` routing (1 in the paper).
+        gumbel_temperature: Initial temperature of ``st_gumbel`` routing.
+        gumbel_min_temperature: Floor of the annealed temperature.
+        gumbel_anneal_rate: Rate r of ``tau = max(tau * exp(-r * step), min)`` applied every ``gumbel_anneal_every``
+            steps (T5: 1e-6 every 5000 steps; ResNet: 1e-4 every 1000 steps).
+        gumbel_anneal_every: Interval, in training steps, of the temperature update.
+        reinforce_policy_weight: Weight of the REINFORCE policy-gradient term.
+        reinforce_entropy_weight: Weight of the entropy term (added to the loss, as in the authors' code).
+        reinforce_value_weight: Weight of the baseline's Huber regression term.
+        num_tags: Number of distinct routing tags (``tag`` routing). Defaults to ``num_experts``.
+        tag_names: Optional names of the tags, so string tags can be passed; their order gives the tag index.
+        tag_to_expert: "Tag+" routing: maps a tag to an expert. A dict of ``{tag: expert}`` used by every block, or
+            ``{"encoder": {...}, "decoder": {...}}`` to map differently per side (tags not listed use the expert of
+            the same index). Keys may be tag names or indices.
+        hash_seed: Seed of ``hash`` routing.
+        monolithic_params: ``compute`` gives ``monolithic`` routing one expert of the normal size ("1x compute");
+            ``params`` gives one expert ``num_experts`` times wider ("1x params").
+        init_weights: Initialise experts as the authors (``True``). ``False`` is only for tests of PEFT machinery.
+        task_type: PEFT task type. ``AUTO`` (default) picks ``SEQ_2_SEQ_LM`` for encoder-decoder language models and no
+            task type otherwise when `get_peft_model` is called.
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "Number of experts per routing block."})
+    routing: str = field(default="smear", metadata={"help": f"Routing method: one of {', '.join(ROUTING_METHODS)}."})
+    expert_dropout: float = field(default=0.0, metadata={"help": "Training-only expert dropout probability."})
+    reduction_factor: int = field(default=32, metadata={"help": "Bottleneck = hidden size // reduction_factor."})
+    bottleneck_size: Optional[int] = field(default=None, metadata={"help": "Explicit bottleneck size."})
+    activation: str = field(default="swish", metadata={"help": "Activation between the projections."})
+    expert_init_std: float = field(default=0.01, metadata={"help": "Std of the expert weight init."})
+    router_init_scale: float = field(default=0.01, metadata={"help": "Router weight std and weight-norm gain."})
+    pooling: Literal["masked_mean", "mean"] = field(default="masked_mean", metadata={"help": "Router input pooling."})
+    post_norm: Optional[bool] = field(default=None, metadata={"help": "LayerNorm after the expert (preset default)."})
+    input_norm: Optional[Literal["none", "batch_norm"]] = field(
+        default=None, metadata={"help": "Normalisation of the block input (preset default)."}
+    )
+    sublayers: list[str] = field(default_factory=lambda: list(SUBLAYERS), metadata={"help": "Sublayers to wrap."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to wrap."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules never wrapped."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    train_layer_norms: bool = field(default=True, metadata={"help": "Train the backbone's layer norms."})
+    batch_norm_statistics: Literal["update", "frozen"] = field(
+        default="update", metadata={"help": "Backbone BatchNorm running statistics while training."}
+    )
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained in full."})
+    top_k: int = field(default=1, metadata={"help": "Experts per example for top_k routing."})
+    gumbel_temperature: float = field(default=10.0, metadata={"help": "Initial Gumbel-softmax temperature."})
+    gumbel_min_temperature: float = field(default=0.5, metadata={"help": "Minimum Gumbel-softmax temperature."})
+    gumbel_anneal_rate: float = field(default=1e-6, metadata={"help": "Temperature anneal rate."})
+    gumbel_anneal_every: int = field(default=5000, metadata={"help": "Steps between temperature updates."})
+    reinforce_policy_weight: float = field(default=1e-2, metadata={"help": "REINFORCE policy loss weight."})
+    reinforce_entropy_weight: float = field(default=5e-4, metadata={"help": "REINFORCE entropy term weight."})
+    reinforce_value_weight: float = field(default=1e-2, metadata={"help": "REINFORCE baseline loss weight."})
+    num_tags: Optional[int] = field(default=None, metadata={"help": "Number of routing tags (tag routing)."})
+    tag_names: Optional[list[str]] = field(default=None, metadata={"help": "Names of routing tags."})
+    tag_to_expert: Optional[dict] = field(default=None, metadata={"help": "Tag+ mapping from tags to experts."})
+    hash_seed: int = field(default=0, metadata={"help": "Seed of hash routing."})
+    monolithic_params: Literal["compute", "params"] = field(
+        default="compute", metadata={"help": "Monolithic baseline: 1x compute or 1x params."}
+    )
+    init_weights: bool = field(default=True, metadata={"help": "Authors' initialisation."})
+
+    def __post_init__(self) -> None:
+        # PeftConfig only accepts real task types; resolve "AUTO" when the model is known (`registration.py`).
+        auto = self.task_type is None or self.task_type == AUTO_TASK_TYPE
+        if auto:
+            self.task_type = None
+        super().__post_init__()
+        if auto:
+            self.task_type = AUTO_TASK_TYPE
+        self.peft_type = "SMEAR"
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, list(value))
+        if isinstance(self.tag_to_expert, dict):
+            self.tag_to_expert = _normalise_tag_map(self.tag_to_expert)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` that names the fix for any inconsistent field."""
+        if self.routing not in ROUTING_METHODS:
+            _fail("routing", f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_METHODS)}.")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            _fail("num_experts", f"must be a positive integer, got {self.num_experts!r}.")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            _fail("expert_dropout", f"must be in [0, 1), got {self.expert_dropout}.")
+        if self.reduction_factor < 1:
+            _fail("reduction_factor", f"must be >= 1, got {self.reduction_factor}.")
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
+            _fail("bottleneck_size", f"must be >= 1 or None, got {self.bottleneck_size}.")
+        from .experts import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}.")
+        if self.expert_init_std <= 0 or self.router_init_scale <= 0:
+            _fail("expert_init_std", "expert_init_std and router_init_scale must be positive.")
+        if self.pooling not in ("masked_mean", "mean"):
+            _fail("pooling", f"must be 'masked_mean' or 'mean', got {self.pooling!r}.")
+        if self.input_norm not in (None, "none", "batch_norm"):
+            _fail("input_norm", f"must be None, 'none' or 'batch_norm', got {self.input_norm!r}.")
+        unknown = [s for s in self.sublayers if s not in SUBLAYERS]
+        if unknown or not self.sublayers:
+            _fail("sublayers", f"must be a non-empty subset of {list(SUBLAYERS)}, got {self.sublayers!r}.")
+        if self.batch_norm_statistics not in ("update", "frozen"):
+            _fail("batch_norm_statistics", f"must be 'update' or 'frozen', got {self.batch_norm_statistics!r}.")
+        if not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}.")
+        if not 0 < self.gumbel_min_temperature <= self.gumbel_temperature:
+            _fail("gumbel_temperature", "need 0 < gumbel_min_temperature <= gumbel_temperature.")
+        if self.gumbel_anneal_rate < 0 or self.gumbel_anneal_every < 1:
+            _fail("gumbel_anneal_rate", "need gumbel_anneal_rate >= 0 and gumbel_anneal_every >= 1.")
+        if self.monolithic_params not in ("compute", "params"):
+            _fail("monolithic_params", f"must be 'compute' or 'params', got {self.monolithic_params!r}.")
+        if self.tag_names is not None and len(set(self.tag_names)) != len(self.tag_names):
+            _fail("tag_names", "names must be unique.")
+        if self.tag_names is not None and self.num_tags is not None and self.num_tags != len(self.tag_names):
+            _fail("num_tags", f"is {self.num_tags} but tag_names lists {len(self.tag_names)} names; drop num_tags.")
+        if self.routing == "tag":
+            self._validate_tag_routing()
+
+    @property
+    def resolved_num_tags(self) -> int:
+        """Number of distinct routing tags."""
+        if self.tag_names is not None:
+            return len(self.tag_names)
+        return self.num_tags if self.num_tags is not None else self.num_experts
+
+    def tag_index(self, tag: Union[int, str]) -> int:
+        """Index of a tag given as an int or as one of ``tag_names``."""
+        if isinstance(tag, str):
+            if self.tag_names is None or tag not in self.tag_names:
+                raise ValueError(
+                    f"Unknown routing tag {tag!r}: string tags need SmearConfig(tag_names=[...]) listing it"
+                    + (f" (known: {self.tag_names})." if self.tag_names else ".")
+                )
+            return self.tag_names.index(tag)
+        return int(tag)
+
+    def tag_expert_table(self, side: str) -> list[int]:
+        """Expert used for each tag index by tag routing on one side (``encoder``, ``decoder`` or ``any``)."""
+        table = list(range(self.resolved_num_tags))
+        mapping = self.tag_to_expert or {}
+        if set(mapping) <= {"encoder", "decoder"} and mapping:
+            mapping = mapping.get(side, {}) if side in ("encoder", "decoder") else {}
+        for tag, expert in mapping.items():
+            table[self.tag_index(tag)] = int(expert)
+        return table
+
+    def _validate_tag_routing(self) -> None:
+        num_tags = self.resolved_num_tags
+        mapping = self.tag_to_expert or {}
+        sides = [mapping[s] for s in ("encoder", "decoder") if s in mapping] if set(mapping) <= {"encoder", "decoder"} and mapping else [mapping]
+        for side_map in sides:
+            if not isinstance(side_map, dict):
+                _fail("tag_to_expert", "per-side values must be dicts of {tag: expert}.")
+            for tag, expert in side_map.items():
+                index = self.tag_index(tag)
+                if not 0 <= index < num_tags:
+                    _fail("tag_to_expert", f"tag {tag!r} is out of range for {num_tags} tags.")
+                if not 0 <= int(expert) < self.num_experts:
+                    _fail("tag_to_expert", f"expert {expert} for tag {tag!r} is out of range for {self.num_experts} experts.")
+        if self.tag_to_expert is None and num_tags > self.num_experts:
+            _fail(
+                "num_tags",
+                f"tag routing with {num_tags} tags needs num_experts >= {num_tags} or a tag_to_expert mapping.",
+            )
+        for side in ("encoder", "decoder"):
+            if any(e >= self.num_experts for e in self.tag_expert_table(side)):
+                _fail("tag_to_expert", f"tags without a mapping use the expert of the same index, which needs "
+                      f"num_experts >= {num_tags}; map every tag.")
+
+
+def _normalise_tag_map(mapping: dict) -> dict:
+    """JSON turns int keys into strings; turn digit strings back into ints so saved configs round-trip."""
+
+    def key(k):
+        return int(k) if isinstance(k, str) and k.isdigit() else k
+
+    if set(mapping) <= {"encoder", "decoder"}:
+        return {side: {key(k): int(v) for k, v in m.items()} for side, m in mapping.items()}
+    return {key(k): int(v) for k, v in mapping.items()}

@@ -1,0 +1,92 @@
+"""A stack of bottleneck experts and the three ways a routing block applies them.
+
+Expert ``n`` maps ``u`` (``[..., hidden]``) to ``act(u @ down_weight[n] + down_bias[n]) @ up_weight[n]`` (no up bias, as in
+the authors' code). A routing block applies the stack in one of three ways:
+
+* **merged** (SMEAR): per-example parameters ``theta_b = sum_n p_bn theta_n``, then one expert's computation;
+* **selected** (discrete routing): per-example parameters gathered from the chosen expert(s), no N-way merge;
+* **all experts** (ensemble): every expert's output, computed in one batched contraction.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Activations between the projections. ``swish`` is what the authors' code uses.
+ACTIVATIONS = {
+    "swish": F.silu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class ExpertParameters(NamedTuple):
+    """One expert's parameters per example: ``[B, hidden, r]``, ``[B, r]``, ``[B, r, hidden]``."""
+
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor
+    up_weight: torch.Tensor
+
+
+class Experts(nn.Module):
+    """``num_experts`` bottleneck adapters stored as stacked tensors ``[N, ...]`` (a leaf module)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, bottleneck_size: int, activation: str = "swish"):
+        super().__init__()
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]
+        self.down_weight = nn.Parameter(torch.empty(num_experts, hidden_size, bottleneck_size))
+        self.down_bias = nn.Parameter(torch.empty(num_experts, bottleneck_size))
+        self.up_weight = nn.Parameter(torch.empty(num_experts, bottleneck_size, hidden_size))
+
+    @property
+    def num_experts(self) -> int:
+        return self.down_weight.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float) -> None:
+        """Every expert weight ~ N(0, init_std), biases zero (the authors' init)."""
+        nn.init.normal_(self.down_weight, std=init_std)
+        nn.init.zeros_(self.down_bias)
+        nn.init.normal_(self.up_weight, std=init_std)
+
+    def merged(self, probs: torch.Tensor) -> ExpertParameters:
+        """SMEAR: average the experts' parameters with per-example weights ``probs`` ``[B, N]``."""
+        batch = probs.shape[0]
+        probs = probs.to(self.down_weight.dtype)
+        return ExpertParameters(
+            (probs @ self.down_weight.flatten(1)).view(batch, *self.down_weight.shape[1:]),
+            probs @ self.down_bias,
+            (probs @ self.up_weight.flatten(1)).view(batch, *self.up_weight.shape[1:]),
+        )
+
+    def selected(self, index: torch.Tensor) -> ExpertParameters:
+        """Gather the parameters of one expert per example, ``index`` ``[B]``."""
+        return ExpertParameters(self.down_weight[index], self.down_bias[index], self.up_weight[index])
+
+    def run(self, inputs: torch.Tensor, params: ExpertParameters) -> torch.Tensor:
+        """Apply per-example parameters to ``inputs`` ``[B, S, hidden]``."""
+        hidden = torch.baddbmm(params.down_bias.unsqueeze(1), inputs, params.down_weight)
+        return torch.bmm(self.activation(hidden), params.up_weight)
+
+    def run_shared(self, inputs: torch.Tensor, expert: int = 0) -> torch.Tensor:
+        """Apply one expert to the whole batch (monolithic routing): plain matmuls, no per-example copies."""
+        hidden = torch.addmm(self.down_bias[expert], inputs.flatten(0, -2), self.down_weight[expert])
+        return (self.activation(hidden) @ self.up_weight[expert]).view_as(inputs)
+
+    def run_each(self, inputs: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Outputs ``[B, K, S, hidden]`` of several experts per example.
+
+        ``index`` ``[B, K]`` names the experts of each example; ``None`` runs all ``N`` experts without gathering.
+        """
+        if index is None:
+            hidden = torch.einsum("bsc,ncr->bnsr", inputs, self.down_weight) + self.down_bias[None, :, None]
+            return torch.einsum("bnsr,nrc->bnsc", self.activation(hidden), self.up_weight)
+        hidden = torch.einsum("bsc,bkcr->bksr", inputs, self.down_weight[index]) + self.down_bias[index][:, :, None]
+        return torch.einsum("bksr,bkrc->bksc", self.activation(hidden), self.up_weight[index])

@@ -1,0 +1,60 @@
+"""Registering the "SMEAR" method with PEFT: the one place where smear-peft extends PEFT at import time.
+
+PEFT 0.21 has no plugin mechanism: `peft.register_peft_method` only accepts names already in its closed `PeftType`
+enum. We therefore
+
+1. add a ``SMEAR`` member to `PeftType` (so configs, checkpoints and model cards carry ``"peft_type": "SMEAR"``);
+2. call `register_peft_method`, which fills PEFT's config / tuner / prefix mappings;
+3. add a ``task_type="AUTO"`` entry to PEFT's task-type mapping, so `get_peft_model` returns a
+   `PeftModelForSeq2SeqLM` for encoder-decoder language models without the user naming the task type.
+
+Every step is idempotent. Loading a SMEAR adapter needs ``import smear_peft`` first; without it PEFT raises
+``KeyError: 'SMEAR'`` (see the README).
+"""
+
+from __future__ import annotations
+
+from peft import PeftModel
+from peft.utils.peft_types import register_peft_method
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.utils import PeftType
+
+from .config import AUTO_TASK_TYPE, SmearConfig
+from .model import SmearModel
+
+PEFT_TYPE_NAME = "SMEAR"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """Extend `PeftType` (a ``str`` enum) with a member, as if it had been declared in PEFT."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+def _auto_task_peft_model(model, peft_config: SmearConfig, **kwargs) -> PeftModel:
+    """Resolve ``task_type="AUTO"`` from the model, then build the matching PEFT model class."""
+    config = getattr(model, "config", None)
+    is_seq2seq_lm = getattr(config, "is_encoder_decoder", False) and hasattr(model, "generate") and hasattr(
+        model, "get_output_embeddings"
+    ) and model.get_output_embeddings() is not None
+    peft_config.task_type = "SEQ_2_SEQ_LM" if is_seq2seq_lm else None
+    model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return model_class(model, peft_config, **kwargs)
+
+
+def register() -> None:
+    """Make "SMEAR" a PEFT method (idempotent)."""
+    peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=SmearConfig, model_cls=SmearModel, prefix=SmearModel.prefix)
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING.setdefault(AUTO_TASK_TYPE, _auto_task_peft_model)

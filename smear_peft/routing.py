@@ -1,0 +1,340 @@
+"""Routing methods: how a block turns router logits (or tags, or hashes) into the use of its experts.
+
+Every method is a small class that maps `RoutingInputs` to a `RoutingDecision`; the block then applies the decision
+with one shared code path per kind (`SmearLayer`):
+
+============  ==========  =================================================================================
+method        kind        what the experts see
+============  ==========  =================================================================================
+smear         merge       one expert whose parameters are the probability-weighted average of all experts
+top_k         select/mix  argmax expert, output scaled by its probability (k > 1: renormalised mixture)
+st_gumbel     select      argmax of Gumbel-softmax, straight-through multiplier in training; argmax in eval
+reinforce     select      sampled expert in training, argmax in eval; router trained by the auxiliary loss
+tag           select      the expert of the example's tag (Tag+: a tag-to-expert mapping)
+hash          select      a fixed pseudo-random expert per (example key, block)
+monolithic    shared      one expert for every example
+ensemble      mix         every expert, outputs mixed by the router's probabilities
+============  ==========  =================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import SmearConfig
+
+DecisionKind = Literal["merge", "select", "mix", "shared"]
+
+
+@dataclass
+class RoutingInputs:
+    """What a routing method may look at for one block and one batch."""
+
+    logits: Optional[torch.Tensor]  # [B, N] router logits; None for methods without a router
+    batch_size: int
+    device: torch.device
+    training: bool
+    side: str  # "encoder", "decoder" or "any"
+    block_index: int
+    tags: Optional[torch.Tensor] = None  # [B] tag indices
+    keys: Optional[torch.Tensor] = None  # [B] int64 example keys (hash routing)
+
+
+@dataclass
+class RoutingDecision:
+    """How one block uses its experts for a batch.
+
+    * ``merge``: ``weights`` ``[B, N]`` average the experts' parameters.
+    * ``select``: ``index`` ``[B]`` picks one expert per example; its output is scaled by ``weights`` ``[B]`` if given.
+    * ``mix``: outputs of the experts ``index`` ``[B, K]`` (all experts if ``None``) summed with ``weights``.
+    * ``shared``: expert 0 for every example.
+
+    ``probs`` are the router's probabilities (after expert dropout) for analysis; ``log_prob`` and ``entropy`` feed the
+    REINFORCE auxiliary loss.
+    """
+
+    kind: DecisionKind
+    index: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    probs: Optional[torch.Tensor] = None
+    log_prob: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+    def chosen_experts(self) -> Optional[torch.Tensor]:
+        """``[B]`` expert per example for discrete decisions (analysis)."""
+        if self.kind == "select":
+            return self.index
+        if self.kind == "shared":
+            return None
+        if self.kind == "mix" and self.index is not None:
+            return self.index[:, 0]
+        return None
+
+
+ROUTING_METHODS: dict[str, type["RoutingMethod"]] = {}
+
+
+def register_routing(cls: type["RoutingMethod"]) -> type["RoutingMethod"]:
+    """Class decorator adding a routing method to `ROUTING_METHODS` under ``cls.name``."""
+    ROUTING_METHODS[cls.name] = cls
+    return cls
+
+
+class RoutingMethod:
+    """Base class of routing methods. One instance per adapter, shared by all of its blocks."""
+
+    name: ClassVar[str]
+    #: The block has a router whose logits are passed in `RoutingInputs.logits`.
+    uses_router: ClassVar[bool] = True
+    #: The router is trained by the task loss (REINFORCE trains it through its auxiliary loss instead).
+    router_gets_task_gradient: ClassVar[bool] = True
+
+    def __init__(self, config: "SmearConfig"):
+        self.config = config
+
+    def num_expert_slots(self) -> int:
+        """Number of experts a block allocates."""
+        return self.config.num_experts
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        raise NotImplementedError
+
+    # -- shared helpers ---------------------------------------------------------------------------------------------
+    def expert_dropout_mask(self, inputs: RoutingInputs, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """Training-only keep mask ``[B, N]`` of expert dropout, or ``None`` when it does not apply."""
+        rate = self.config.expert_dropout
+        if not inputs.training or rate == 0.0:
+            return None
+        return torch.rand_like(logits, dtype=torch.float32) >= rate
+
+    @staticmethod
+    def drop_probs(probs: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """Zero dropped probabilities and renormalise (all dropped: uniform), as the authors."""
+        if keep is None:
+            return probs
+        kept = probs * keep + 1e-10
+        return kept / kept.sum(-1, keepdim=True)
+
+    @staticmethod
+    def drop_logits(logits: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """Set dropped logits to -1e10 so sampling never picks a dropped expert."""
+        return logits if keep is None else logits.masked_fill(~keep, -1e10)
+
+
+@register_routing
+class SmearRouting(RoutingMethod):
+    """SMEAR: merge the experts' parameters with the router's probabilities."""
+
+    name = "smear"
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        keep = self.expert_dropout_mask(inputs, inputs.logits)
+        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        return RoutingDecision("merge", weights=probs, probs=probs)
+
+
+@register_routing
+class EnsembleRouting(RoutingMethod):
+    """Run every expert and mix their outputs with the router's probabilities (N times the cost)."""
+
+    name = "ensemble"
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        keep = self.expert_dropout_mask(inputs, inputs.logits)
+        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        return RoutingDecision("mix", weights=probs, probs=probs)
+
+
+@register_routing
+class TopKRouting(RoutingMethod):
+    """Top-k routing. k=1 (the paper): the argmax expert, output scaled by its probability in training and
+    evaluation, as the authors. k>1: the k experts' outputs weighted by their probabilities renormalised over the k."""
+
+    name = "top_k"
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        keep = self.expert_dropout_mask(inputs, inputs.logits)
+        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        k = self.config.top_k
+        if k == 1:
+            weight, index = probs.max(dim=-1)
+            return RoutingDecision("select", index=index, weights=weight, probs=probs)
+        weights, index = probs.topk(k, dim=-1)
+        return RoutingDecision("mix", index=index, weights=weights / weights.sum(-1, keepdim=True), probs=probs)
+
+
+@register_routing
+class StraightThroughGumbelRouting(RoutingMethod):
+    """ST-Gumbel: training picks the argmax of ``softmax((logits + g) / tau)`` and multiplies the expert's output by
+    ``1 - sg(y) + y`` (value 1, gradient of ``y``); evaluation picks the router's argmax with no scaling.
+
+    The temperature is a one-element buffer owned by the tuner (so it is saved with the adapter and follows the model
+    across devices); `gumbel_temperature_at` gives the authors' schedule.
+    """
+
+    name = "st_gumbel"
+
+    def __init__(self, config: "SmearConfig"):
+        super().__init__(config)
+        self._buffers: dict = {"tau": torch.tensor([config.gumbel_temperature])}
+        self._key = "tau"
+
+    def bind_temperature(self, buffers, key: str) -> None:
+        """Read the temperature from ``buffers[key]`` (the tuner's `BufferDict`)."""
+        self._buffers, self._key = buffers, key
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self._buffers[self._key]
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        logits = inputs.logits.float()
+        if not inputs.training:
+            probs = F.softmax(logits, dim=-1)
+            return RoutingDecision("select", index=probs.argmax(-1), probs=probs)
+        keep = self.expert_dropout_mask(inputs, logits)
+        logits = self.drop_logits(logits, keep)
+        uniform = torch.rand_like(logits)
+        gumbel = -torch.log(-torch.log(uniform + 1e-20) + 1e-20)
+        soft = F.softmax((logits + gumbel) / self.temperature.to(logits.device), dim=-1)
+        value, index = soft.max(dim=-1)
+        multiplier = 1.0 - value.detach() + value
+        return RoutingDecision("select", index=index, weights=multiplier, probs=self.drop_probs(F.softmax(logits, -1), keep))
+
+
+def gumbel_temperature_at(step: int, initial: float, minimum: float, rate: float, every: int) -> float:
+    """The authors' ST-Gumbel schedule in closed form.
+
+    Every ``every`` steps they apply ``tau = max(tau * exp(-rate * step), minimum)``; after the updates at steps
+    ``every, 2*every, ..., k*every`` that is ``initial * exp(-rate * every * k (k + 1) / 2)``, floored at ``minimum``.
+    """
+    updates = step // every
+    return max(initial * math.exp(-rate * every * updates * (updates + 1) / 2), minimum)
+
+
+@register_routing
+class ReinforceRouting(RoutingMethod):
+    """REINFORCE: sample an expert in training (argmax in evaluation). The router gets no gradient from the task
+    loss; `SmearModel.reinforce_loss` trains it with a policy-gradient term against a learned baseline."""
+
+    name = "reinforce"
+    router_gets_task_gradient = False
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        logits = inputs.logits.float()
+        if not inputs.training:
+            probs = F.softmax(logits, dim=-1)
+            return RoutingDecision("select", index=probs.argmax(-1), probs=probs)
+        logits = self.drop_logits(logits, self.expert_dropout_mask(inputs, logits))
+        log_probs = F.log_softmax(logits, dim=-1)
+        probs = log_probs.exp()
+        index = torch.multinomial(probs.detach(), 1).squeeze(-1)
+        entropy = -(probs * log_probs).sum(-1)
+        return RoutingDecision(
+            "select", index=index, probs=probs, log_prob=log_probs.gather(-1, index[:, None]).squeeze(-1), entropy=entropy
+        )
+
+
+@register_routing
+class TagRouting(RoutingMethod):
+    """Route every example to the expert of its tag (``routing_tags``); Tag+ maps tags to experts per side."""
+
+    name = "tag"
+    uses_router = False
+
+    def __init__(self, config: "SmearConfig"):
+        super().__init__(config)
+        self._tables = {side: torch.tensor(config.tag_expert_table(side)) for side in ("encoder", "decoder", "any")}
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        if inputs.tags is None:
+            raise ValueError(
+                "routing='tag' needs per-example tags: call the model with routing_tags=[...] (one int or tag name "
+                "per example)."
+            )
+        table = self._tables[inputs.side].to(inputs.device)
+        return RoutingDecision("select", index=table[inputs.tags])
+
+
+@register_routing
+class HashRouting(RoutingMethod):
+    """A fixed pseudo-random expert per (example key, block), from a portable 64-bit mix (never Python's ``hash``).
+
+    Keys come from ``routing_keys`` (e.g. dataset indices, so every prompt template of an example shares its routing);
+    without them each example's key is a content hash of its input ids (or pixels), see `content_keys`.
+    """
+
+    name = "hash"
+    uses_router = False
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        if inputs.keys is None:
+            raise ValueError("routing='hash' found no example keys: pass routing_keys=[...] or input_ids/pixel_values.")
+        experts = hash_experts(inputs.keys.cpu().numpy(), inputs.block_index, self.config.hash_seed, self.config.num_experts)
+        return RoutingDecision("select", index=torch.from_numpy(experts).to(inputs.device))
+
+
+@register_routing
+class MonolithicRouting(RoutingMethod):
+    """A single expert for every example: "1x compute" (normal bottleneck) or "1x params" (N times wider)."""
+
+    name = "monolithic"
+    uses_router = False
+
+    def num_expert_slots(self) -> int:
+        return 1
+
+    def decide(self, inputs: RoutingInputs) -> RoutingDecision:
+        return RoutingDecision("shared")
+
+
+# -- portable hashing -----------------------------------------------------------------------------------------------
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """The SplitMix64 finaliser on ``uint64`` arrays: a fixed, platform-independent 64-bit mixing function."""
+    with np.errstate(over="ignore"):
+        z = (values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_experts(keys: np.ndarray, block_index: int, seed: int, num_experts: int) -> np.ndarray:
+    """Expert ``[B]`` of each example key for one block: ``splitmix64(key ^ splitmix64(block, seed)) % N``."""
+    salt = splitmix64(np.array([block_index], dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
+    mixed = splitmix64(keys.astype(np.int64).view(np.uint64) ^ salt)
+    return (mixed % np.uint64(num_experts)).astype(np.int64)
+
+
+def content_keys(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deterministic 63-bit key per example from its content (token ids or pixel values), ignoring padding.
+
+    ``key_b = splitmix64(sum_j splitmix64(j) * splitmix64(bits(x_bj)))`` over unmasked positions, in wrapping uint64
+    arithmetic, so equal examples get equal keys in any batch, process or machine.
+    """
+    flat = values.detach().reshape(values.shape[0], -1).cpu()
+    if flat.is_floating_point():
+        flat = flat.float().view(torch.int32).to(torch.int64)
+    array = flat.to(torch.int64).numpy().view(np.uint64)
+    position = splitmix64(np.arange(array.shape[1], dtype=np.uint64))[None, :]
+    with np.errstate(over="ignore"):
+        terms = splitmix64(array) * position
+    if mask is not None:
+        terms = np.where(mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(bool), terms, np.uint64(0))
+    with np.errstate(over="ignore"):
+        total = terms.sum(axis=1, dtype=np.uint64)
+    return torch.from_numpy((splitmix64(total) >> np.uint64(1)).astype(np.int64))
+
+
+def build_routing_method(config: "SmearConfig") -> RoutingMethod:
+    """The routing method named by ``config.routing``."""
+    return ROUTING_METHODS[config.routing](config)
