@@ -145,6 +145,8 @@ class SmearModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: SmearConfig, adapter_name: str) -> None:
         if not self._hook_handles:
             self._install_hooks()
+        if hasattr(model, "add_model_tags"):  # shown in the model card PEFT writes on save_pretrained
+            model.add_model_tags(["smear-peft", "smear"])
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(

@@ -6,7 +6,9 @@ enum. We therefore
 1. add a ``SMEAR`` member to `PeftType` (so configs, checkpoints and model cards carry ``"peft_type": "SMEAR"``);
 2. call `register_peft_method`, which fills PEFT's config / tuner / prefix mappings;
 3. add a ``task_type="AUTO"`` entry to PEFT's task-type mapping, so `get_peft_model` returns a
-   `PeftModelForSeq2SeqLM` for encoder-decoder language models without the user naming the task type.
+   `PeftModelForSeq2SeqLM` for encoder-decoder language models without the user naming the task type;
+4. route `PeftModel.push_to_hub` to `smear_peft.hub.push_to_hub` for SMEAR adapters only (the inherited transformers
+   method replaces PEFT's model card with a generic one); other PEFT methods keep PEFT's behaviour.
 
 Every step is idempotent. Loading a SMEAR adapter needs ``import smear_peft`` first; without it PEFT raises
 ``KeyError: 'SMEAR'`` (see the README).
@@ -19,6 +21,7 @@ from peft.utils.peft_types import register_peft_method
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import PeftType
 
+from . import hub
 from .config import AUTO_TASK_TYPE, SmearConfig
 from .model import SmearModel
 
@@ -50,6 +53,17 @@ def _auto_task_peft_model(model, peft_config: SmearConfig, **kwargs) -> PeftMode
     return model_class(model, peft_config, **kwargs)
 
 
+def _smear_aware_push_to_hub(original):
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        if hub.is_smear_model(self):
+            return hub.push_to_hub(self, repo_id, *args, **kwargs)
+        return original(self, repo_id, *args, **kwargs)
+
+    push_to_hub.__doc__ = original.__doc__
+    push_to_hub._smear_original = original
+    return push_to_hub
+
+
 def register() -> None:
     """Make "SMEAR" a PEFT method (idempotent)."""
     peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
@@ -58,3 +72,5 @@ def register() -> None:
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=SmearConfig, model_cls=SmearModel, prefix=SmearModel.prefix)
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING.setdefault(AUTO_TASK_TYPE, _auto_task_peft_model)
+    if not hasattr(PeftModel.push_to_hub, "_smear_original"):
+        PeftModel.push_to_hub = _smear_aware_push_to_hub(PeftModel.push_to_hub)
