@@ -77,7 +77,8 @@ class SmearConfig(PeftConfig):
         tag_names: Optional names of the tags, so string tags can be passed; their order gives the tag index.
         tag_to_expert: "Tag+" routing: maps a tag to an expert. A dict of ``{tag: expert}`` used by every block, or
             ``{"encoder": {...}, "decoder": {...}}`` to map differently per side (tags not listed use the expert of
-            the same index). Keys may be tag names or indices.
+            the same index). Keys may be tag names or indices; a value may be an expert index or a tag name, meaning
+            that tag's expert (the paper's Tag+: ``{"encoder": {"rte": "mnli"}}``).
         hash_seed: Seed of ``hash`` routing.
         monolithic_params: ``compute`` gives ``monolithic`` routing one expert of the normal size ("1x compute");
             ``params`` gives one expert ``num_experts`` times wider ("1x params").
@@ -210,7 +211,7 @@ class SmearConfig(PeftConfig):
         if set(mapping) <= {"encoder", "decoder"} and mapping:
             mapping = mapping.get(side, {}) if side in ("encoder", "decoder") else {}
         for tag, expert in mapping.items():
-            table[self.tag_index(tag)] = int(expert)
+            table[self.tag_index(tag)] = self.tag_index(expert)
         return table
 
     def _validate_tag_routing(self) -> None:
@@ -224,7 +225,7 @@ class SmearConfig(PeftConfig):
                 index = self.tag_index(tag)
                 if not 0 <= index < num_tags:
                     _fail("tag_to_expert", f"tag {tag!r} is out of range for {num_tags} tags.")
-                if not 0 <= int(expert) < self.num_experts:
+                if not 0 <= self.tag_index(expert) < self.num_experts:
                     _fail("tag_to_expert", f"expert {expert} for tag {tag!r} is out of range for {self.num_experts} experts.")
         if self.tag_to_expert is None and num_tags > self.num_experts:
             _fail(
@@ -244,5 +245,5 @@ def _normalise_tag_map(mapping: dict) -> dict:
         return int(k) if isinstance(k, str) and k.isdigit() else k
 
     if set(mapping) <= {"encoder", "decoder"}:
-        return {side: {key(k): int(v) for k, v in m.items()} for side, m in mapping.items()}
-    return {key(k): int(v) for k, v in mapping.items()}
+        return {side: {key(k): key(v) for k, v in m.items()} for side, m in mapping.items()}
+    return {key(k): key(v) for k, v in mapping.items()}
