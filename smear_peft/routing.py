@@ -66,6 +66,7 @@ class RoutingDecision:
     probs: Optional[torch.Tensor] = None
     log_prob: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    batch_size: Optional[int] = None  # set by ``shared`` decisions, which carry no per-example tensor
 
     def chosen_experts(self) -> Optional[torch.Tensor]:
         """``[B]`` expert per example for discrete decisions (analysis)."""
@@ -124,8 +125,14 @@ class RoutingMethod:
 
     @staticmethod
     def drop_logits(logits: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-        """Set dropped logits to -1e10 so sampling never picks a dropped expert."""
-        return logits if keep is None else logits.masked_fill(~keep, -1e10)
+        """Set dropped logits to -1e10 so sampling never picks a dropped expert.
+
+        A row whose experts are all dropped samples uniformly (all logits 0), matching the uniform probabilities of
+        `drop_probs`; masking it with -1e10 would swamp the Gumbel noise in float32 and always pick expert 0."""
+        if keep is None:
+            return logits
+        masked = logits.masked_fill(~keep, -1e10)
+        return torch.where(keep.any(-1, keepdim=True), masked, torch.zeros_like(logits))
 
 
 @register_routing
@@ -292,7 +299,7 @@ class MonolithicRouting(RoutingMethod):
         return 1
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        return RoutingDecision("shared")
+        return RoutingDecision("shared", batch_size=inputs.batch_size)
 
 
 # -- portable hashing -----------------------------------------------------------------------------------------------
