@@ -5,7 +5,8 @@ the authors' code). A routing block applies the stack in one of three ways:
 
 * **merged** (SMEAR): per-example parameters ``theta_b = sum_n p_bn theta_n``, then one expert's computation;
 * **selected** (discrete routing): per-example parameters gathered from the chosen expert(s), no N-way merge;
-* **all experts** (ensemble): every expert's output, computed in one batched contraction.
+* **all experts** (ensemble): every expert's output, computed in batched contractions (`run_mixture` fuses the
+  mixing into them).
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ class Experts(nn.Module):
         """Apply one expert to the whole batch (monolithic routing): plain matmuls, no per-example copies."""
         hidden = torch.addmm(self.down_bias[expert], inputs.flatten(0, -2), self.down_weight[expert])
         return (self.activation(hidden) @ self.up_weight[expert]).view_as(inputs)
+
+    def run_mixture(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_n weights[b, n] * expert_n(inputs[b])`` over all ``N`` experts (ensemble), ``weights`` ``[B, N]``.
+
+        Equal to mixing the outputs of `run_each`, without materialising the ``[B, N, S, hidden]`` outputs: one
+        ``[.., hidden] x [hidden, N*r]`` product for all down-projections, the weights applied to the ``N`` activations,
+        and one ``[.., N*r] x [N*r, hidden]`` product for all up-projections (the same FLOPs as running each expert).
+        """
+        num, hidden_size, rank = self.down_weight.shape
+        down = self.down_weight.permute(1, 0, 2).reshape(hidden_size, num * rank)
+        hidden = torch.addmm(self.down_bias.reshape(-1), inputs.reshape(-1, hidden_size), down)
+        hidden = self.activation(hidden).view(inputs.shape[0], -1, num, rank) * weights.to(hidden.dtype)[:, None, :, None]
+        return (hidden.reshape(-1, num * rank) @ self.up_weight.reshape(num * rank, hidden_size)).view_as(inputs)
 
     def run_each(self, inputs: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Outputs ``[B, K, S, hidden]`` of several experts per example.

@@ -202,6 +202,8 @@ class SmearLayer(nn.Module, BaseTunerLayer):
             if decision.kind == "select" and decision.weights is not None:
                 output = output * decision.weights.to(output.dtype)[:, None, None]
             return output
+        if decision.index is None:  # every expert (ensemble): mixed inside the contractions
+            return experts.run_mixture(tokens, decision.weights)
         outputs = experts.run_each(tokens, decision.index)  # [B, K, S, C]
         return torch.einsum("bk,bksc->bsc", decision.weights.to(outputs.dtype), outputs)
 

@@ -62,3 +62,11 @@ def test_run_each_gives_every_experts_output():
     for b in range(2):
         for k in range(2):
             torch.testing.assert_close(chosen[b, k], expert_output(experts, index[b, k], x[b]), rtol=1e-5, atol=1e-6)
+
+
+def test_run_mixture_equals_weighted_sum_of_every_experts_output():
+    experts = make_experts()
+    x = torch.randn(3, 6, 12)
+    weights = torch.softmax(torch.randn(3, 5), -1)
+    expected = torch.einsum("bn,bnsc->bsc", weights, experts.run_each(x))
+    torch.testing.assert_close(experts.run_mixture(x, weights), expected, rtol=1e-5, atol=1e-6)
