@@ -42,7 +42,7 @@ def _add_peft_type_member(name: str) -> PeftType:
     return member
 
 
-def _auto_task_peft_model(model, peft_config: SmearConfig, **kwargs) -> PeftModel:
+def _auto_task_peft_model(model, peft_config: SmearConfig, *args, **kwargs) -> PeftModel:
     """Resolve ``task_type="AUTO"`` from the model, then build the matching PEFT model class."""
     config = getattr(model, "config", None)
     is_seq2seq_lm = getattr(config, "is_encoder_decoder", False) and hasattr(model, "generate") and hasattr(
@@ -50,7 +50,7 @@ def _auto_task_peft_model(model, peft_config: SmearConfig, **kwargs) -> PeftMode
     ) and model.get_output_embeddings() is not None
     peft_config.task_type = "SEQ_2_SEQ_LM" if is_seq2seq_lm else None
     model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
-    return model_class(model, peft_config, **kwargs)
+    return model_class(model, peft_config, *args, **kwargs)
 
 
 def _smear_aware_push_to_hub(original):
