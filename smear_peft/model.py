@@ -11,7 +11,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .architectures import GENERIC_PRESET, PRESETS, ArchitecturePreset, find_preset, infer_hidden_size, supported_model_types
+from .architectures import PRESETS, ArchitecturePreset, block_layout, find_preset, supported_model_types
+from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
 from .config import SmearConfig
 from .context import RoutingContext
 from .layer import SmearLayer
@@ -42,34 +43,28 @@ class SmearModel(BaseTuner):
         object.__setattr__(self, "_context", RoutingContext())
         object.__setattr__(self, "_routing_methods", {})
         object.__setattr__(self, "_hook_handles", [])
+        object.__setattr__(self, "_batch_norm_hook_handles", [])
         object.__setattr__(self, "_num_blocks", 0)
         object.__setattr__(self, "_sides", {})
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # -- configuration and injection -------------------------------------------------------------------------------
     @property
-    def preset(self) -> ArchitecturePreset:
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        return find_preset(model_type) or GENERIC_PRESET
+    def preset(self) -> Optional[ArchitecturePreset]:
+        """The architecture preset of the base model's ``model_type`` (``None`` for models without one)."""
+        return find_preset(getattr(getattr(self.model, "config", None), "model_type", None))
 
     def _prepare_adapter_config(self, peft_config: SmearConfig, model_config: dict) -> SmearConfig:
         preset = find_preset(model_config.get("model_type"))
-        if peft_config.target_modules is None:
-            if preset is None:
-                raise ValueError(
-                    f"smear-peft has no preset for model_type={model_config.get('model_type')!r} (presets: "
-                    f"{', '.join(supported_model_types())}). Pass SmearConfig(target_modules=[...]) naming the modules "
-                    "whose output gets a routing block, e.g. the attention and MLP modules of each layer."
-                )
-            peft_config.target_modules = preset.target_modules(peft_config.sublayers)
-        extra_modules = []
-        if preset is not None and peft_config.train_layer_norms:
-            extra_modules += list(preset.layer_norms)
-        if preset is not None and preset.batch_norms and peft_config.batch_norm_statistics == "update":
-            extra_modules += list(preset.batch_norms)
-        if extra_modules:
-            current = list(peft_config.modules_to_save or [])
-            peft_config.modules_to_save = current + [m for m in extra_modules if m not in current]
+        if preset is None and peft_config.target_modules is None:
+            raise ValueError(
+                f"smear-peft has no preset for model_type={model_config.get('model_type')!r} (presets: "
+                f"{', '.join(supported_model_types())}). Pass SmearConfig(target_modules=[...]) naming the modules "
+                "whose output gets a routing block, e.g. the attention and MLP modules of each layer, or register a "
+                "preset with smear_peft.register_preset(ArchitecturePreset(...))."
+            )
+        if preset is not None:
+            preset.prepare_config(peft_config)
         return peft_config
 
     def _create_and_replace(
@@ -87,26 +82,53 @@ class SmearModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, routing)
             return
         preset = self.preset
-        hidden_size = preset.hidden_size(parent, target) if preset.hidden_size else infer_hidden_size(target)
+        layout = block_layout(preset, current_key, parent, target)
         new_module = SmearLayer(
             target,
             adapter_name,
             peft_config,
             routing,
-            hidden_size=hidden_size,
+            hidden_size=layout.hidden_size,
             context=self._context,
             side=self._side_of(current_key),
             block_index=self._num_blocks,
             block_name=current_key,
-            channel_dim=preset.channel_dim,
-            position=preset.position,
-            post_norm=preset.post_norm,
-            input_norm=preset.input_norm,
+            channel_dim=layout.channel_dim,
+            position=layout.position,
+            post_norm=preset.post_norm if preset else True,
+            input_norm=preset.input_norm if preset else "none",
         )
         object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: SmearConfig) -> None:
+        super()._check_new_adapter_config(config)
+        policies = {c.batch_norm_statistics for c in self.peft_config.values()}
+        if len(policies) > 1 and backbone_batch_norms(self.model):
+            raise ValueError(
+                f"All SMEAR adapters of a model with BatchNorm layers must use the same batch_norm_statistics (got "
+                f"{sorted(policies)}): the backbone's BatchNorm layers are shared. Pass "
+                "SmearConfig(batch_norm_statistics=...) matching the other adapters, or use another copy of the model."
+            )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._handle_batch_norm_statistics(model, adapter_name)
+
+    def _handle_batch_norm_statistics(self, model: nn.Module, adapter_name: str) -> None:
+        """Apply ``batch_norm_statistics`` to the backbone's BatchNorm layers (see `smear_peft.batch_norm`)."""
+        config = self.peft_config[adapter_name]
+        norms = backbone_batch_norms(model)
+        if not norms:
+            return
+        if config.batch_norm_statistics == "update":
+            wrap_batch_norm_statistics(
+                model, norms, adapter_name, inference_mode=config.inference_mode, activate=adapter_name in self.active_adapters
+            )
+        elif not self._batch_norm_hook_handles:
+            self._batch_norm_hook_handles.extend(keep_in_eval_mode(norms.values()))
 
     def _pre_injection_hook(self, model: nn.Module, config: SmearConfig, adapter_name: str) -> None:
         if "smear_gumbel_temperature" not in self._modules:
@@ -157,9 +179,10 @@ class SmearModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
         if merge:
             self._check_merge_allowed()
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        for handles in (self._hook_handles, self._batch_norm_hook_handles):
+            for handle in handles:
+                handle.remove()
+            handles.clear()
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:
