@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -11,9 +12,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .architectures import PRESETS, ArchitecturePreset, block_layout, find_preset, supported_model_types
+from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
-from .config import SmearConfig
+from .config import SUBLAYERS, SmearConfig
 from .context import RoutingContext
 from .layer import SmearLayer
 from .routing import RoutingMethod, build_routing_method, content_keys, gumbel_temperature_at
@@ -22,6 +23,23 @@ from .routing import RoutingMethod, build_routing_method, content_keys, gumbel_t
 ROUTING_KWARGS = ("routing_tags", "routing_keys")
 
 TagsLike = Union[torch.Tensor, Sequence[Union[int, str]], None]
+
+
+class PresetTargets(Mapping):
+    """``model_type -> target modules`` of all sublayers, read live from the registered presets (PEFT's
+    ``target_module_mapping`` protocol; includes presets registered after import)."""
+
+    def __getitem__(self, model_type: str):
+        preset = find_preset(model_type)
+        if preset is None:
+            raise KeyError(model_type)
+        return preset.target_modules(list(SUBLAYERS))
+
+    def __iter__(self):
+        return iter(supported_model_types())
+
+    def __len__(self) -> int:
+        return len(supported_model_types())
 
 
 class SmearModel(BaseTuner):
@@ -36,7 +54,7 @@ class SmearModel(BaseTuner):
 
     prefix: str = "smear_"
     tuner_layer_cls = SmearLayer
-    target_module_mapping = {t: p.target_modules(["self_attention", "cross_attention", "feed_forward"]) for p in PRESETS for t in p.model_types}
+    target_module_mapping = PresetTargets()
 
     def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
         # Tuner-level state must exist before BaseTuner.__init__ injects the adapter.

@@ -266,7 +266,9 @@ class TagRouting(RoutingMethod):
                 "routing='tag' needs per-example tags: call the model with routing_tags=[...] (one int or tag name "
                 "per example)."
             )
-        table = self._tables[inputs.side].to(inputs.device)
+        table = self._tables[inputs.side]
+        if table.device != inputs.device:  # move once, not on every block call
+            table = self._tables[inputs.side] = table.to(inputs.device)
         return RoutingDecision("select", index=table[inputs.tags])
 
 
