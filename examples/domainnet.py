@@ -1,0 +1,541 @@
+"""Train routed expert adapters (SMEAR and the paper's baselines) on a frozen ResNet, per-domain image classification.
+
+This is the DomainNet experiment of "Soft Merging of Experts with Adaptive Routing" (Muqeeth, Liu & Raffel, TMLR
+2023), with the settings of the authors' code (github.com/r-three/smear, ``cvl/``): an ImageNet ResNet-18, frozen,
+gets one expert routing block after each of its 8 basic blocks (6 experts each) and a new 345-way head; the blocks and
+the head train with Adam (lr 1e-3) on all six DomainNet domains at once, and the checkpoint with the best validation
+accuracy is tested. ``--dataset digits`` runs the same recipe offline on CPU in a few minutes: six renderings of
+scikit-learn's handwritten digits stand in for the domains, and a small ResNet pretrained here on the unshifted digits
+stands in for ImageNet.
+
+Usage:
+    # offline CPU demo (embedded digit domains; the small backbone is pretrained once and cached)
+    accelerate launch --cpu examples/domainnet.py --config examples/configs/digits.yaml --output_dir runs/digits
+
+    # the paper on one GPU: DomainNet in the official layout (see smear_peft/data/domainnet.py)
+    accelerate launch examples/domainnet.py --config examples/configs/domainnet_resnet18.yaml \\
+        --data_dir /data/domainnet --output_dir runs/domainnet-smear
+
+    # another routing method, on 4 GPUs (still 128 images per step: 32 per GPU)
+    accelerate launch --multi_gpu --num_processes 4 examples/domainnet.py --config examples/configs/domainnet_resnet18.yaml \\
+        --data_dir /data/domainnet --routing st_gumbel --output_dir runs/domainnet-st-gumbel
+
+    # resume an interrupted run exactly where its last checkpoint left it
+    accelerate launch examples/domainnet.py --config ... --output_dir runs/domainnet-smear --resume_from_checkpoint latest
+
+Every key of DEFAULTS below is a command-line flag. The defaults are the paper's; ``--config FILE.yaml`` overrides
+them and the command line overrides the file. Results: a per-domain accuracy table, ``<output_dir>/metrics.json`` and
+the best-validation adapter in ``<output_dir>`` (load it with ``PeftModel.from_pretrained`` after ``import smear_peft``).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import ResNetConfig, ResNetForImageClassification
+from transformers.utils import logging as transformers_logging
+
+from smear_peft import ROUTING_METHODS, SmearConfig  # importing smear_peft registers the SMEAR method with PEFT
+from smear_peft.data.routed_images import collate_routed_images
+from smear_peft.losses import per_example_classification_loss, reinforce_loss
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration: the paper's settings (authors' cvl/src/utils/Config.py and README commands unless noted)
+
+DEFAULTS = {
+    # data
+    "dataset": "domainnet",  # "domainnet", or "digits": the embedded offline stand-in (smear_peft.data.digits)
+    "data_dir": None,  # DomainNet root in the official layout (images + <domain>_{train,test}.txt lists)
+    "hub_dataset_id": None,  # ... or a `datasets` copy of DomainNet (columns image, label, domain)
+    "image_size": 224,
+    "dataloader_num_workers": 8,
+    # model
+    "model_name_or_path": "microsoft/resnet-18",  # ImageNet ResNet-18; null: pretrain a small one (digits only)
+    "num_experts": 6,  # one per domain, so that tag routing has an expert per domain
+    "routing": "smear",  # any of smear_peft.ROUTING_METHODS
+    "expert_dropout": None,  # null: the authors' choice for the routing method (0.1 for smear and top_k, else 0)
+    "bottleneck_size": 32,  # per-pixel C -> 32 -> C experts at every stage
+    "monolithic_params": "compute",  # routing=monolithic: one expert of the same size ("1x compute") or "params"
+    "gumbel_anneal_rate": 1e-4,  # ST-Gumbel: tau = max(tau * exp(-rate * step), 0.5) every 1000 steps, from 10
+    "gumbel_anneal_every": 1000,
+    "batch_norm_statistics": "update",  # the frozen backbone's BatchNorm statistics track the training data (authors)
+    # optimisation
+    "max_steps": 100_000,
+    "batch_size": 128,  # images per optimizer step, split over the processes
+    "eval_batch_size": 128,  # per process
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "grad_clip_norm": 1.0,
+    "eval_every": 1000,  # validation (model selection) and a checkpoint every this many steps
+    "log_every": 100,
+    "seed": 42,
+    # pretraining of the small digits backbone (model_name_or_path: null); ignored otherwise
+    "pretrain_steps": 300,
+    "pretrain_lr": 3e-3,
+    "pretrain_batch_size": 128,
+    "pretrain_embedding_size": 16,
+    "pretrain_hidden_sizes": [16, 32, 64, 128],
+    "pretrain_depths": [2, 2, 2, 2],
+    "cache_dir": "~/.cache/smear_peft",
+    # output
+    "output_dir": "runs/domainnet",
+    "report_to": "tensorboard",  # an Accelerate tracker ("tensorboard", "wandb", "all", ...) or "none"
+    "keep_checkpoints": 2,  # most recent checkpoints kept in <output_dir>/checkpoints
+    "resume_from_checkpoint": None,  # a checkpoint folder, or "latest"
+    "push_to_hub": False,
+    "hub_model_id": None,
+}
+
+# The authors' README runs SMEAR and top-k with expert dropout 0.1 and every other method without it.
+PAPER_EXPERT_DROPOUT = {"smear": 0.1, "top_k": 0.1}
+
+
+def read_config_file(path):
+    """A YAML file of DEFAULTS keys. A one-level section ``pretrain: {steps: 300}`` sets ``pretrain_steps``."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{inner}": inner_value for inner, inner_value in value.items()})
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown keys {unknown}; the keys are those of DEFAULTS in {__file__}.")
+    # YAML reads 1e-3 (no dot) as a string: give numbers the type of their default.
+    return {k: float(v) if isinstance(DEFAULTS[k], float) and v is not None else v for k, v in flat.items()}
+
+
+def parse_config(argv=None):
+    """Defaults, then ``--config FILE.yaml``, then the command line."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config")
+    config_file = config_parser.parse_known_args(argv)[0].config
+    values = {**DEFAULTS, **(read_config_file(config_file) if config_file else {})}
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of DEFAULTS keys; command-line flags override it")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, bool):
+            options = {"type": lambda text: text.lower() in ("1", "true", "yes"), "nargs": "?", "const": True}
+        elif isinstance(default, list):
+            options = {"type": type(default[0]), "nargs": "+"}
+        elif default is None:  # strings, numbers or null, read like YAML values
+            options = {"type": yaml.safe_load}
+        else:
+            options = {"type": type(default)}
+        parser.add_argument(f"--{key}", default=values[key], help=f"(default: {values[key]})", **options)
+    args = parser.parse_args(argv)
+    if args.routing not in ROUTING_METHODS:
+        parser.error(f"--routing must be one of {', '.join(ROUTING_METHODS)}, got {args.routing!r}.")
+    if args.expert_dropout is None:
+        args.expert_dropout = PAPER_EXPERT_DROPOUT.get(args.routing, 0.0)
+    if args.dataset == "domainnet" and (args.data_dir is None) == (args.hub_dataset_id is None):
+        parser.error("--dataset domainnet needs exactly one of --data_dir (official layout) or --hub_dataset_id.")
+    if args.model_name_or_path is None and args.dataset != "digits":
+        parser.error("--model_name_or_path is required: only the digits backbone can be pretrained by this script.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(args):
+    """Train / validation / test datasets of routed images (items: pixel_values, labels, routing_tags = domain)."""
+    if args.dataset == "digits":
+        from smear_peft.data.digits import load_digit_domains
+
+        return load_digit_domains(image_size=args.image_size)
+    from smear_peft.data.domainnet import load_domainnet, load_domainnet_from_hub
+
+    if args.data_dir is not None:
+        return load_domainnet(args.data_dir, image_size=args.image_size)
+    return load_domainnet_from_hub(args.hub_dataset_id, image_size=args.image_size)
+
+
+class WithExampleIndex(Dataset):
+    """Adds each example's index in its split: the key of hash routing, which (as in the authors' code) sends every
+    example to a fixed random expert per block, whatever its random crop."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "routing_keys": index}
+
+
+def collate(examples):
+    batch = collate_routed_images(examples)
+    batch["routing_keys"] = torch.tensor([example["routing_keys"] for example in examples])
+    return batch
+
+
+def train_batches(accelerator, loader, start_step):
+    """Batches forever, from ``start_step`` on. An epoch's order depends only on (seed, epoch) (Accelerate's seedable
+    sampler), so a run resumed mid-epoch sees the same batches as one that never stopped."""
+    epoch, skip = divmod(start_step, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The digits backbone: what ImageNet is to DomainNet, the unshifted ("original") digits are to the digit domains
+
+
+def pretrain_digit_backbone(args, device, say):
+    """Train a small ResNet on the original domain only, save it without its head, and cache it by its settings."""
+    from smear_peft.data.digits import load_digit_pretraining_splits
+
+    settings = {key: value for key, value in vars(args).items() if key.startswith("pretrain_")}
+    settings.update(image_size=args.image_size, seed=args.seed)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(args.cache_dir).expanduser() / "digits_backbone" / digest
+    if (path / "config.json").exists():
+        say(f"Digits backbone: cached in {path}")
+        return str(path)
+
+    say(f"Digits backbone: pretraining on the original domain for {args.pretrain_steps} steps (cached in {path})")
+    start = time.perf_counter()
+    set_seed(args.seed)
+    splits = load_digit_pretraining_splits(image_size=args.image_size)
+    model = ResNetForImageClassification(
+        ResNetConfig(
+            layer_type="basic",
+            embedding_size=args.pretrain_embedding_size,
+            hidden_sizes=args.pretrain_hidden_sizes,
+            depths=args.pretrain_depths,
+            num_labels=splits.num_labels,
+        )
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr)
+    loader = DataLoader(splits.train, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True)
+    batches = (batch for _ in range(math.ceil(args.pretrain_steps / len(loader))) for batch in loader)
+    model.train()
+    for _, batch in zip(range(args.pretrain_steps), batches):
+        loss = model(pixel_values=batch["pixel_values"].to(device), labels=batch["labels"].to(device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.eval()
+    with torch.no_grad():
+        validation = DataLoader(splits.validation, batch_size=512)
+        correct = sum(
+            (model(pixel_values=b["pixel_values"].to(device)).logits.argmax(-1).cpu() == b["labels"]).sum().item()
+            for b in validation
+        )
+    accuracy = correct / len(splits.validation)
+    # Save the backbone without its head, like an ImageNet checkpoint whose head is replaced: loading it into
+    # ResNetForImageClassification gives a freshly initialised classifier for the adapter stage to train.
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    model.resnet.save_pretrained(staging)
+    (staging / "pretraining.json").write_text(json.dumps({"validation_accuracy": accuracy, **settings}, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, path)  # atomic: an interrupted run never leaves a half-written cache entry
+    say(
+        f"Digits backbone: validation accuracy {accuracy:.3f} on the original domain ({time.perf_counter() - start:.0f}s)"
+    )
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, domain_names):
+    """Accuracy pooled over all examples (the authors' model-selection metric), per domain, and averaged over domains.
+    Also returns the seconds spent in the forward pass and argmax, the authors' inference time."""
+    model.eval()
+    correct = torch.zeros(len(domain_names), dtype=torch.long, device=accelerator.device)
+    total = torch.zeros_like(correct)
+    seconds = 0.0
+    for batch in loader:
+        start = time.perf_counter()
+        logits = model(
+            pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=batch["routing_keys"]
+        ).logits
+        predictions = logits.argmax(-1)
+        if predictions.is_cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        predictions, labels, tags = accelerator.gather_for_metrics(
+            (predictions, batch["labels"], batch["routing_tags"])
+        )
+        correct += torch.bincount(tags[predictions == labels], minlength=len(domain_names))
+        total += torch.bincount(tags, minlength=len(domain_names))
+    model.train()
+    per_domain = {name: c / t for name, c, t in zip(domain_names, correct.tolist(), total.tolist()) if t}
+    metrics = {
+        "accuracy": correct.sum().item() / total.sum().item(),
+        "domain_average": sum(per_domain.values()) / len(per_domain),
+        "per_domain": per_domain,
+    }
+    return metrics, seconds
+
+
+def results_table(validation, test):
+    rows = [f"{'domain':<16}{'validation':>12}{'test':>10}"]
+    for name, accuracy in test["per_domain"].items():
+        rows.append(f"{name:<16}{validation['per_domain'].get(name, math.nan):>12.4f}{accuracy:>10.4f}")
+    rows.append(f"{'domain average':<16}{validation['domain_average']:>12.4f}{test['domain_average']:>10.4f}")
+    rows.append(f"{'all examples':<16}{validation['accuracy']:>12.4f}{test['accuracy']:>10.4f}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: Accelerate saves the model, the optimizer and every RNG; this object saves the rest of the state
+
+
+class TrainingState:
+    """The step and the best validation result so far, with that step's adapter (a few MB: experts, routers, head)."""
+
+    def __init__(self):
+        self.step = 0
+        self.best_accuracy = -1.0
+        self.best_step = 0
+        self.best_validation = None
+        self.best_adapter = None
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def checkpoint_step(path):
+    return int(path.name.removeprefix("step_"))
+
+
+def save_checkpoint(accelerator, output_dir, step, keep):
+    checkpoints = output_dir / "checkpoints"
+    accelerator.save_state(checkpoints / f"step_{step}")
+    if accelerator.is_main_process:
+        for old in sorted(checkpoints.glob("step_*"), key=checkpoint_step)[:-keep]:
+            shutil.rmtree(old)
+
+
+def find_checkpoint(output_dir, name):
+    """The checkpoint folder to resume from: ``name`` itself, the newest under ``output_dir`` for "latest" (``None``
+    when there is none yet, so that a job can always be launched with "latest"), or ``None``."""
+    if name != "latest":
+        return name and Path(name)
+    found = sorted((output_dir / "checkpoints").glob("step_*"), key=checkpoint_step)
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_config(argv)
+    transformers_logging.set_verbosity_error()  # the load report would list the new head as "missing": it is meant to be
+    transformers_logging.disable_progress_bar()
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=output_dir,
+        # Each epoch's shuffle is seeded by (seed, epoch): identical on every process, and replayable on resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+    def say(message):
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    # -- data ----------------------------------------------------------------------------------------------------------
+    splits = load_splits(args)
+    domain_names = splits.domain_names
+    say(
+        f"{args.dataset}: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test "
+        f"images, {splits.num_labels} classes, domains {', '.join(domain_names)}"
+    )
+    if args.batch_size % accelerator.num_processes:
+        raise SystemExit(
+            f"--batch_size {args.batch_size} must be divisible by the {accelerator.num_processes} processes."
+        )
+    loader_options = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
+    train_loader = DataLoader(
+        WithExampleIndex(splits.train),
+        batch_size=args.batch_size // accelerator.num_processes,
+        shuffle=True,
+        drop_last=True,
+        # The loader's own generator (not the global one) seeds its workers, so iterating it never shifts the global
+        # random stream that expert dropout and sampled routing draw from: resuming stays exact.
+        generator=torch.Generator().manual_seed(args.seed),
+        **loader_options,
+    )
+    validation_loader = DataLoader(
+        WithExampleIndex(splits.validation), batch_size=args.eval_batch_size, **loader_options
+    )
+    test_loader = DataLoader(WithExampleIndex(splits.test), batch_size=args.eval_batch_size, **loader_options)
+
+    # -- model: frozen backbone + routing blocks + a new head -----------------------------------------------------------
+    backbone = args.model_name_or_path
+    if backbone is None:
+        with accelerator.main_process_first():  # one process pretrains, the others then find it in the cache
+            backbone = pretrain_digit_backbone(args, accelerator.device, say)
+    set_seed(args.seed)  # the same initialisation whether or not the backbone was just pretrained
+    # The pretrained head is replaced by a freshly initialised one for this label set (345 classes on DomainNet).
+    model = ResNetForImageClassification.from_pretrained(
+        backbone, num_labels=splits.num_labels, ignore_mismatched_sizes=True
+    )
+    smear_config = SmearConfig(
+        num_experts=args.num_experts,
+        routing=args.routing,
+        expert_dropout=args.expert_dropout,
+        bottleneck_size=args.bottleneck_size,
+        monolithic_params=args.monolithic_params,
+        # The authors' ST-Gumbel schedule for ResNet: rate 1e-4 every 1000 steps (T5: 1e-6 every 5000).
+        gumbel_anneal_rate=args.gumbel_anneal_rate,
+        gumbel_anneal_every=args.gumbel_anneal_every,
+        batch_norm_statistics=args.batch_norm_statistics,
+        num_tags=len(domain_names),  # tag routing: domain i -> expert i
+        tag_names=list(domain_names),
+        modules_to_save=["classifier"],  # the new head trains in full and is saved with the adapter
+    )
+    # The preset for transformers' ResNet puts a block after every basic block (8 in ResNet-18), after the residual
+    # add and before the final ReLU; everything else in the backbone stays frozen.
+    model = get_peft_model(model, smear_config)
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)  # constant lr, as the authors
+
+    model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader, test_loader
+    )
+    peft_model = accelerator.unwrap_model(model)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        say(f"Resumed from {checkpoint} at step {state.step} (best validation so far {state.best_accuracy:.4f})")
+    elif (output_dir / "checkpoints").exists():
+        # A new run owns its output_dir: an earlier run's checkpoints there would pass for this run's.
+        say(
+            f"Starting afresh: removing the checkpoints of an earlier run in {output_dir} (--resume_from_checkpoint "
+            "latest resumes instead)"
+        )
+        if accelerator.is_main_process:
+            shutil.rmtree(output_dir / "checkpoints")
+        accelerator.wait_for_everyone()
+
+    hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    accelerator.init_trackers("smear_domainnet", config=hyperparameters)
+
+    # -- training ------------------------------------------------------------------------------------------------------
+    batches = train_batches(accelerator, train_loader, state.step)
+    progress = tqdm(
+        initial=state.step, total=args.max_steps, desc="training", disable=not accelerator.is_local_main_process
+    )
+    running_loss, train_start = 0.0, time.perf_counter()
+    model.train()  # the backbone is frozen, but its BatchNorm statistics update (batch_norm_statistics="update")
+    while state.step < args.max_steps:
+        # ST-Gumbel's temperature is a function of the step (the authors' schedule), so resuming restores it too.
+        temperatures = peft_model.base_model.set_training_step(state.step)
+        batch = next(batches)
+        logits = model(
+            pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=batch["routing_keys"]
+        ).logits
+        # Per-example cross-entropy: its mean is the task loss; REINFORCE also uses each example's loss as its
+        # (negative) reward. reinforce_loss is 0 for every other routing method.
+        example_losses = per_example_classification_loss(logits, batch["labels"])
+        task_loss = example_losses.mean()
+        loss = task_loss + reinforce_loss(model, example_losses)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, args.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        progress.update()
+        running_loss += task_loss.detach()
+
+        if state.step % args.log_every == 0:
+            logs = {"train/loss": running_loss.item() / args.log_every}
+            if temperatures:  # st_gumbel
+                logs["train/gumbel_temperature"] = temperatures["default"]
+            accelerator.log(logs, step=state.step)
+            progress.set_postfix(loss=f"{logs['train/loss']:.3f}")
+            running_loss = 0.0
+
+        if state.step % args.eval_every == 0 or state.step == args.max_steps:
+            validation, _ = evaluate(accelerator, model, validation_loader, domain_names)
+            accelerator.log(
+                {
+                    "validation/accuracy": validation["accuracy"],
+                    "validation/domain_average": validation["domain_average"],
+                    **{f"validation/{d}": a for d, a in validation["per_domain"].items()},
+                },
+                step=state.step,
+            )
+            if validation["accuracy"] > state.best_accuracy:  # the authors select on accuracy over all examples
+                state.best_accuracy, state.best_step, state.best_validation = (
+                    validation["accuracy"],
+                    state.step,
+                    validation,
+                )
+                state.best_adapter = {k: v.cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+            say(
+                f"step {state.step}: validation accuracy {validation['accuracy']:.4f} "
+                f"(best {state.best_accuracy:.4f} at step {state.best_step})"
+            )
+            save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+
+    # -- test the best-validation adapter, save it -----------------------------------------------------------------------
+    set_peft_model_state_dict(peft_model, state.best_adapter)
+    test, inference_seconds = evaluate(accelerator, model, test_loader, domain_names)
+    say(
+        f"\nBest validation step {state.best_step} of {args.max_steps}; routing {args.routing}; "
+        f"test inference {inference_seconds:.2f}s for {len(splits.test)} images\n"
+        + results_table(state.best_validation, test)
+    )
+    accelerator.log({"test/accuracy": test["accuracy"], "test/domain_average": test["domain_average"]}, step=state.step)
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(output_dir)
+        metrics = {
+            "dataset": args.dataset,
+            "routing": args.routing,
+            "backbone": backbone,
+            "best_step": state.best_step,
+            "validation": state.best_validation,
+            "test": test,
+            "test_inference_seconds": inference_seconds,
+            "test_examples": len(splits.test),
+            "train_seconds_this_run": train_seconds,
+            "config": vars(args),
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        say(f"Adapter and metrics.json saved in {output_dir}")
+        if args.push_to_hub:
+            peft_model.push_to_hub(args.hub_model_id)
+            say(f"Pushed to https://huggingface.co/{args.hub_model_id}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
