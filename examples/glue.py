@@ -1,0 +1,524 @@
+"""Train T5 with SMEAR (or any routing baseline) on GLUE and evaluate it as the SMEAR paper does.
+
+This is the T5-GLUE experiment of "Soft Merging of Experts with Adaptive Routing" (Muqeeth, Liu & Raffel, TMLR 2023)
+in one Accelerate script: a frozen T5-v1.1-base gets expert routing blocks after every attention and feed-forward
+sublayer (60 blocks of 8 experts), which are trained, together with T5's layer norms, on the eight GLUE tasks mixed
+in proportion to their sizes and prompted with PromptSource templates. The test splits are scored from greedy
+generations under every template. Defaults are the authors' settings (see docs/reproducing.md).
+
+Usage:
+    # the paper's run, on one or more GPUs (the effective batch stays 128)
+    accelerate launch examples/glue.py --config examples/configs/glue_t5_base.yaml --output_dir runs/smear
+    accelerate launch examples/glue.py --routing tag --tag_plus --output_dir runs/tag_plus
+    accelerate launch examples/glue.py --routing reinforce --output_dir runs/reinforce
+    # continue a run where its last checkpoint left off
+    accelerate launch examples/glue.py --config ... --output_dir runs/smear --resume_from_checkpoint latest
+    # offline on CPU in a few minutes: tiny random T5, byte tokenizer, synthetic GLUE-format data
+    accelerate launch --cpu examples/glue.py --config examples/configs/glue_tiny.yaml --output_dir runs/tiny
+    # ... in two CPU processes (`--cpu --num_processes 2` would start only one)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/glue.py \
+        --config examples/configs/glue_tiny.yaml --output_dir runs/tiny
+
+Every key of DEFAULTS below can be set in the YAML file given by --config and overridden on the command line
+(``--key value``; lists and dicts as YAML, e.g. ``--tasks "[rte, mnli]"``). Outputs in --output_dir: the adapter
+(``PeftModel.from_pretrained(base, output_dir)`` after ``import smear_peft``), config.yaml, metrics.json,
+checkpoints/ and tracker logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+
+import datasets
+import torch
+import transformers
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, send_to_device, set_seed
+from peft import get_peft_model
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+from smear_peft import SmearConfig
+from smear_peft.data.glue import (
+    GLUE_TASKS,
+    ExamplesProportionalSampler,
+    GlueSeq2SeqCollator,
+    build_glue_split,
+    load_raw_glue,
+)
+from smear_peft.data.glue_synthetic import synthetic_glue
+from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
+from smear_peft.losses import per_example_seq2seq_loss
+from smear_peft.metrics import TASK_METRICS, load_glue_metric
+
+# -----------------------------------------------------------------------------------------------------------------
+# Settings. Defaults are the authors' T5-GLUE settings (r-three/smear, hyperformer/configs/adapter/*.json + README).
+DEFAULTS = dict(
+    # model
+    model_name_or_path="google/t5-v1_1-base",
+    model_config=None,  # dict of T5Config fields: build a randomly initialised T5 instead of loading one (offline)
+    tokenizer=None,  # None: the model's own tokenizer; "byt5": ByT5's byte-level tokenizer, which needs no files
+    # routing blocks (smear_peft.SmearConfig)
+    routing="smear",  # smear, top_k, st_gumbel, reinforce, tag, hash, monolithic, ensemble
+    num_experts=8,
+    expert_dropout=None,  # None: the authors' value for the method (0.1 for smear and top_k, 0 for the others)
+    tag_plus=False,  # tag routing only: the paper's "Tag+", RTE uses MNLI's expert in the encoder blocks
+    smear_config={},  # other SmearConfig fields, e.g. {pooling: mean, reduction_factor: 4, monolithic_params: params}
+    # data
+    tasks=list(GLUE_TASKS),
+    dataset_path="nyu-mll/glue",  # Hub id, local copy, or a folder with one save_to_disk DatasetDict per task
+    synthetic_data=None,  # e.g. {num_train: 64, num_validation: 16}: synthetic GLUE-format data instead (offline)
+    templates="promptsource",  # promptsource (installed package), builtin (ours, offline), auto, or a folder
+    large_task_validation_size=1000,  # QQP/QNLI/SST-2 train rows held out for validation (authors: 1000)
+    max_source_length=128,
+    max_target_length=128,
+    # optimisation
+    max_steps=400_000,
+    batch_size=128,  # effective batch: per_device_batch_size x processes x gradient accumulation steps
+    per_device_batch_size=None,  # None: batch_size / processes, no accumulation
+    learning_rate=3e-4,
+    weight_decay=0.0,
+    adam_epsilon=1e-8,
+    warmup_steps=2000,  # linear warmup, then constant
+    max_grad_norm=1.0,
+    label_smoothing=0.1,
+    loss_reduction="sum",  # sum: the authors' sum over target tokens; mean: token mean (a deviation)
+    mixed_precision="auto",  # auto: bf16 on GPUs that support it, else fp32; or no, fp16, bf16
+    seed=42,
+    # evaluation, logging, checkpoints
+    eval_every=5000,  # validation (the authors evaluate and save every 5000 steps)
+    validation_examples_per_task=500,  # a fixed random sample of each task's validation split (None: all)
+    eval_batch_size=128,  # per device
+    log_every=100,
+    checkpoint_every=5000,
+    checkpoints_total_limit=2,  # keep the newest N (a checkpoint holds the whole model and the optimizer)
+    output_dir="runs/glue",
+    resume_from_checkpoint=None,  # a checkpoint folder, or "latest" (the newest under output_dir/checkpoints)
+    report_to="tensorboard",  # any Accelerate tracker(s), comma-separated, or "none"
+    push_to_hub=False,
+    hub_model_id=None,
+)
+# The authors' README runs these methods with expert dropout 0.1 and every other one without it.
+EXPERT_DROPOUT = {"smear": 0.1, "top_k": 0.1}
+
+
+def parse_config(argv: list[str] | None = None) -> dict:
+    """DEFAULTS, updated by the YAML file of --config, updated by command-line flags (all share the same keys)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with any of the keys below")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, bool):
+            kind = dict(nargs="?", const=True, type=_parse_bool)  # `--tag_plus` or `--tag_plus false`
+        elif isinstance(default, (int, float, str)):
+            kind = dict(type=type(default))
+        else:  # None, lists and dicts: parse the value as YAML
+            kind = dict(type=lambda text: _yaml_float(yaml.safe_load(text)))
+        parser.add_argument(f"--{key}", default=argparse.SUPPRESS, help=f"default: {default!r}", **kind)
+    args = vars(parser.parse_args(argv))
+    config = dict(DEFAULTS)
+    path = args.pop("config", None)
+    if path:
+        with open(path) as f:
+            from_file = yaml.safe_load(f) or {}
+        unknown = sorted(set(from_file) - set(DEFAULTS))
+        if unknown:
+            parser.error(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
+        config.update({k: _yaml_float(v) if DEFAULTS[k] is None or isinstance(DEFAULTS[k], float) else v
+                       for k, v in from_file.items()})
+    config.update(args)
+    if config["loss_reduction"] not in ("sum", "mean"):
+        parser.error(f"loss_reduction must be 'sum' or 'mean', got {config['loss_reduction']!r}")
+    if config["tag_plus"] and config["routing"] != "tag":
+        parser.error("--tag_plus is a variant of tag routing: add --routing tag")
+    if config["push_to_hub"] and not config["hub_model_id"]:
+        parser.error("--push_to_hub needs --hub_model_id user/name")
+    return config
+
+
+def _yaml_float(value):
+    """YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`): read it as the number it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Building blocks: model, data, evaluation.
+def build_tokenizer(config: dict):
+    if config["tokenizer"] == "byt5":
+        return ByT5Tokenizer()
+    return AutoTokenizer.from_pretrained(config["tokenizer"] or config["model_name_or_path"])
+
+
+def build_base_model(config: dict):
+    """The frozen backbone. A model built from `model_config` is seeded, so the saved adapter can be reloaded onto
+    the same random weights (the adapter holds only the routing blocks and the layer norms)."""
+    if config["model_config"] is not None:
+        torch.manual_seed(config["seed"])
+        return T5ForConditionalGeneration(T5Config(**config["model_config"]))
+    return AutoModelForSeq2SeqLM.from_pretrained(config["model_name_or_path"])
+
+
+def build_smear_config(config: dict) -> SmearConfig:
+    routing = config["routing"]
+    dropout = config["expert_dropout"]
+    extra = dict(config["smear_config"])
+    if routing == "tag":  # a task's routing tag is its index in GLUE_TASKS: one expert per task
+        extra["tag_names"] = list(GLUE_TASKS)
+        if config["tag_plus"]:  # the authors' Tag: RTE shares MNLI's expert in the encoder, the decoder stays per task
+            extra["tag_to_expert"] = {"encoder": {"rte": "mnli"}}
+    return SmearConfig(
+        routing=routing,
+        num_experts=config["num_experts"],
+        expert_dropout=EXPERT_DROPOUT.get(routing, 0.0) if dropout is None else dropout,
+        **extra,
+    )
+
+
+def load_glue(config: dict) -> dict:
+    """Official GLUE splits per task, in memory: every epoch renders fresh prompts, and in-memory datasets keep
+    those renderings out of the datasets cache on disk."""
+    if config["synthetic_data"] is not None:
+        return synthetic_glue(config["tasks"], **config["synthetic_data"])
+    return {task: load_raw_glue(task, config["dataset_path"], keep_in_memory=True) for task in config["tasks"]}
+
+
+def templates_dir(config: dict):
+    choice = config["templates"]
+    if choice == "builtin":
+        return BUILTIN_TEMPLATES_DIR
+    if choice in ("promptsource", "auto"):
+        installed = promptsource_templates_dir()
+        if installed is None and choice == "promptsource":
+            raise SystemExit(f"The paper's prompts come from PromptSource: {PROMPTSOURCE_INSTALL_HINT}")
+        return installed or BUILTIN_TEMPLATES_DIR
+    return choice
+
+
+def build_split(config: dict, raw: dict, split: str, template_seed: int = 0) -> datasets.Dataset:
+    """Prompted rows of one split: train and validation with one template per example (drawn from template_seed),
+    test with every (example, template) pair."""
+    return build_glue_split(
+        split,
+        tasks=config["tasks"],
+        raw=raw,
+        templates_dir=templates_dir(config),
+        template_seed=template_seed,
+        large_task_validation_size=config["large_task_validation_size"],
+    )
+
+
+def sample_per_task(rows: datasets.Dataset, per_task: int | None, seed: int) -> datasets.Dataset:
+    """A fixed random sample of up to `per_task` rows of each task, so every task weighs in a validation average."""
+    if per_task is None:
+        return rows
+    generator = torch.Generator().manual_seed(seed)
+    by_task = defaultdict(list)
+    for index, task in enumerate(rows["task"]):
+        by_task[task].append(index)
+    keep = []
+    for indices in by_task.values():
+        order = torch.randperm(len(indices), generator=generator)[:per_task]
+        keep += [indices[i] for i in order.tolist()]
+    return rows.select(sorted(keep))
+
+
+def answer_lengths(rows: datasets.Dataset, tokenizer) -> dict[str, int]:
+    """Per task, the longest possible answer in tokens (with </s>): the authors' generation max length. Answers are
+    the templates' answer choices; STS-B has none, its answers are scores like "3.8", whose length the split's
+    targets give."""
+    answers = defaultdict(set)
+    for task, choices, target in zip(rows["task"], rows["answer_choices"], rows["target_text"]):
+        answers[task].update(choices or [target])
+    return {task: max(len(tokenizer(text).input_ids) for text in texts) for task, texts in answers.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, accelerator, max_answer_tokens: dict[str, int]) -> dict:
+    """Greedy generation on every process, gathered: the GLUE metrics of the rows, their two averages, and the time
+    spent in `generate` (what the authors time; the slowest process when there are several)."""
+    peft_model = accelerator.unwrap_model(model)
+    was_training = peft_model.training
+    peft_model.eval()
+    rows, seconds = [], 0.0
+    for batch in loader:
+        start = time.perf_counter()
+        with accelerator.autocast():
+            generated = peft_model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                routing_tags=batch["routing_tags"],
+                routing_keys=batch["routing_keys"],
+                max_new_tokens=max(max_answer_tokens[task] for task in batch["task"]),
+                do_sample=False,
+                num_beams=1,
+            )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        predictions = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        rows += accelerator.gather_for_metrics(list(zip(predictions, batch["target_text"], batch["task"])))
+    peft_model.train(was_training)
+    predictions, references, tasks = zip(*rows)
+    scores = load_glue_metric().compute(predictions=predictions, references=references, tasks=tasks)
+    scores["rows"] = len(rows)
+    scores["generation_seconds"] = max(gather_object([seconds]))
+    return scores
+
+
+def metrics_table(scores: dict) -> str:
+    lines = [f"{'task':<6} {'metric':<22} {'score':>7}   invalid"]
+    for task, metrics in TASK_METRICS.items():
+        for metric in metrics:
+            if f"{task}/{metric}" in scores:
+                invalid = f"{100 * scores[f'{task}/invalid_fraction']:6.1f}%"
+                lines.append(f"{task:<6} {metric:<22} {scores[f'{task}/{metric}']:7.2f}   {invalid}")
+    lines.append(f"average over metric entries (the authors' average) {scores['average_over_metric_entries']:7.2f}")
+    lines.append(f"average over tasks                                 {scores['average_over_tasks']:7.2f}")
+    lines.append(f"{scores['rows']} rows; generation took {scores['generation_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Checkpoint folders under output_dir/checkpoints, oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    names = [name for name in os.listdir(root) if name.startswith("checkpoint-")]
+    return [os.path.join(root, name) for name in sorted(names, key=lambda name: int(name.split("-")[1]))]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    output_dir = config["output_dir"]
+
+    # -- processes, precision, batch arithmetic -------------------------------------------------------------------
+    mixed_precision = config["mixed_precision"]
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    report_to = None if config["report_to"] == "none" else config["report_to"].split(",")
+    # `step_scheduler_with_optimizer=False`: the schedule counts optimizer steps of the whole 128-example batch,
+    # however many processes share it (Accelerate would otherwise step it once per process).
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir, step_scheduler_with_optimizer=False
+    )
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    processes = accelerator.num_processes
+    per_device_batch_size = config["per_device_batch_size"] or config["batch_size"] // processes
+    accumulation = config["batch_size"] // (per_device_batch_size * processes)
+    if per_device_batch_size * processes * accumulation != config["batch_size"]:
+        raise SystemExit(
+            f"batch_size={config['batch_size']} must equal per_device_batch_size ({per_device_batch_size}) x "
+            f"processes ({processes}) x gradient accumulation steps; pick a per_device_batch_size that divides it."
+        )
+    set_seed(config["seed"])
+
+    # -- model: frozen T5 + expert routing blocks (+ trainable T5 layer norms, as the authors) -----------------------
+    tokenizer = build_tokenizer(config)
+    model = get_peft_model(build_base_model(config), build_smear_config(config))
+    smear = model.base_model  # the SMEAR tuner: REINFORCE's auxiliary loss and ST-Gumbel's temperature live here
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    # The authors' splits (validation carved out of train or of the official validation split, see
+    # smear_peft.data.glue), mixed in proportion to the tasks' sizes: batches are uniform draws with replacement
+    # over all training rows, an "epoch" being (rows // batch_size) steps.
+    raw = load_glue(config)
+    steps_per_epoch = len(build_split(config, raw, "train")) // config["batch_size"]
+    train_collator = GlueSeq2SeqCollator(tokenizer, config["max_source_length"], config["max_target_length"])
+
+    def train_batches(first_step: int):
+        """This process's micro-batches from optimizer step `first_step` on.
+
+        Epoch e redraws every example's prompt template (the authors draw one at random on every fetch) and its
+        sampling order (seed + e), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+        Every optimizer step consumes `processes x accumulation` consecutive micro-batches of the epoch's stream
+        (process p takes micro-batches p, p + processes, ..., as Accelerate shards a loader), i.e. 128 consecutive
+        draws whatever the number of processes."""
+        epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
+        while True:
+            rows = build_split(config, raw, "train", template_seed=config["seed"] + epoch)
+            sampler = ExamplesProportionalSampler(len(rows), seed=config["seed"])
+            sampler.set_epoch(epoch)
+            batches = list(BatchSampler(sampler, per_device_batch_size, drop_last=True))
+            mine = batches[accelerator.process_index :: processes][: steps_per_epoch * accumulation]
+            # The loader gets its own generator: starting an epoch then draws nothing from the global RNG that
+            # dropout uses, which keeps resumed runs identical to uninterrupted ones.
+            loader = DataLoader(
+                rows, batch_sampler=mine[step_in_epoch * accumulation :], collate_fn=train_collator,
+                generator=torch.Generator(),
+            )
+            for batch in loader:
+                yield send_to_device(batch, accelerator.device)
+            epoch, step_in_epoch = epoch + 1, 0
+
+    # Validation: a fixed sample, one fixed template per example. Test: every example under every template.
+    eval_collator = GlueSeq2SeqCollator(
+        tokenizer, config["max_source_length"], config["max_target_length"], include_text_fields=True
+    )
+    validation_rows = build_split(config, raw, "validation")
+    validation_rows = sample_per_task(validation_rows, config["validation_examples_per_task"], config["seed"])
+    test_rows = build_split(config, raw, "test")
+    validation_loader = DataLoader(validation_rows, batch_size=config["eval_batch_size"], collate_fn=eval_collator)
+    test_loader = DataLoader(test_rows, batch_size=config["eval_batch_size"], collate_fn=eval_collator)
+    validation_answer_lengths = answer_lengths(validation_rows, tokenizer)
+    test_answer_lengths = answer_lengths(test_rows, tokenizer)
+
+    # -- optimiser: AdamW 3e-4, no weight decay, 2k warmup steps then constant (authors) -----------------------------
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config["learning_rate"],
+        weight_decay=config["weight_decay"],
+        eps=config["adam_epsilon"],
+    )
+    scheduler = transformers.get_constant_schedule_with_warmup(optimizer, config["warmup_steps"])
+    model, optimizer, scheduler, validation_loader, test_loader = accelerator.prepare(
+        model, optimizer, scheduler, validation_loader, test_loader
+    )
+
+    # -- resume: model (with ST-Gumbel's temperature buffer), optimizer, scheduler and every process's RNG states ----
+    start_step = 0
+    checkpoint = config["resume_from_checkpoint"]
+    if checkpoint == "latest":
+        found = checkpoint_dirs(output_dir)
+        checkpoint = found[-1] if found else None
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint under {output_dir}/checkpoints: starting from scratch.")
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, "training_state.json")) as f:
+            start_step = json.load(f)["step"]
+        accelerator.print(f"Resumed from {checkpoint} at step {start_step}.")
+
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+    accelerator.init_trackers("glue", config=hparams)
+
+    # -- training loop ----------------------------------------------------------------------------------------------
+    accelerator.print(
+        f"{config['max_steps']} steps of {config['batch_size']} examples ({processes} processes x "
+        f"{per_device_batch_size} x {accumulation} accumulation), {steps_per_epoch} steps per epoch"
+    )
+    model.train()
+    batches = train_batches(start_step)
+    token_loss, tokens = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    validation = {}
+    started = time.perf_counter()
+    progress = tqdm(
+        range(start_step, config["max_steps"]), initial=start_step, total=config["max_steps"],
+        disable=not accelerator.is_main_process,
+    )
+    for step in progress:
+        temperatures = smear.set_training_step(step)  # ST-Gumbel: the authors' annealed temperature (else a no-op)
+        for micro_step in range(accumulation):
+            batch = next(batches)
+            # Average gradients across processes only once, after the last micro-batch.
+            last = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                # T5 builds its decoder inputs from `labels`; routing_tags (tag) and routing_keys (hash) reach the
+                # routers. The per-example losses are the label-smoothed token NLL summed over each target, as the
+                # authors' loss and REINFORCE's reward.
+                outputs = model(**batch)
+                example_losses = per_example_seq2seq_loss(outputs.logits, batch["labels"], config["label_smoothing"])
+                num_tokens = batch["labels"].ne(-100).sum()
+                # Gradients of the micro-batches add up on each process, and DDP averages them over processes.
+                if config["loss_reduction"] == "sum":  # authors: the sum over all target tokens of the 128 examples
+                    task_loss = example_losses.sum() * processes
+                else:  # deviation: the token mean of each micro-batch, averaged over micro-batches and processes
+                    task_loss = example_losses.sum() / num_tokens / accumulation
+                # REINFORCE's policy, entropy and baseline terms (a mean over the batch; zero for other methods).
+                loss = task_loss + smear.reinforce_loss(example_losses) / accumulation
+                accelerator.backward(loss)
+            token_loss += example_losses.detach().sum()
+            tokens += num_tokens
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if done % config["log_every"] == 0 or done == config["max_steps"]:
+            token_loss, tokens = accelerator.reduce(token_loss, "sum"), accelerator.reduce(tokens, "sum")
+            logs = {
+                "train/loss_per_token": (token_loss / tokens).item(),
+                "train/grad_norm": float(grad_norm),
+                "train/learning_rate": scheduler.get_last_lr()[0],
+            }
+            logs.update({f"train/gumbel_temperature/{name}": tau for name, tau in temperatures.items()})
+            accelerator.log(logs, step=done)
+            progress.set_postfix(loss=f"{logs['train/loss_per_token']:.4f}")
+            token_loss.zero_()
+            tokens.zero_()
+
+        if done % config["eval_every"] == 0 or done == config["max_steps"]:
+            validation = evaluate(model, validation_loader, tokenizer, accelerator, validation_answer_lengths)
+            accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
+            accelerator.print(
+                f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
+                f"(over tasks {validation['average_over_tasks']:.2f})"
+            )
+
+        if done % config["checkpoint_every"] == 0:
+            checkpoint = os.path.join(output_dir, "checkpoints", f"checkpoint-{done}")
+            accelerator.save_state(checkpoint)
+            if accelerator.is_main_process:
+                with open(os.path.join(checkpoint, "training_state.json"), "w") as f:
+                    json.dump({"step": done}, f)
+                for old in checkpoint_dirs(output_dir)[: -config["checkpoints_total_limit"]]:
+                    shutil.rmtree(old)
+            accelerator.wait_for_everyone()
+    train_seconds = time.perf_counter() - started
+
+    # -- test: every example under every template, greedy generation ------------------------------------------------
+    # The authors test the weights at the end of training (their best-checkpoint reload is commented out).
+    test = evaluate(model, test_loader, tokenizer, accelerator, test_answer_lengths)
+    accelerator.log({f"test/{k}": v for k, v in test.items()}, step=config["max_steps"])
+    accelerator.print(metrics_table(test))
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        peft_model = accelerator.unwrap_model(model)
+        peft_model.save_pretrained(output_dir)
+        metrics = {
+            "step": config["max_steps"],
+            "routing": config["routing"] + ("+" if config["tag_plus"] else ""),
+            "train_seconds_this_run": train_seconds,
+            "test": test,
+            "validation": validation,
+        }
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        accelerator.print(f"Adapter and metrics.json saved in {output_dir}")
+        if config["push_to_hub"]:
+            peft_model.push_to_hub(config["hub_model_id"])  # uploads the adapter with a SMEAR model card
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
