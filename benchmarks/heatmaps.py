@@ -76,9 +76,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                           f"routing probability per {'domain' if dataset == 'digits' else 'task'}"
     ncols = args.ncols or (4 if dataset == "digits" else 5)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure = plot_routing_heatmaps(means, ncols=ncols)
-    figure.suptitle(title, y=1 + 0.3 / figure.get_figheight())  # clear of the panel titles, also for one row
-    figure.savefig(str(args.output), bbox_inches="tight")
+    plot_routing_heatmaps(means, args.output, ncols=ncols, title=title)
     print(f"wrote {args.output} ({len(means.blocks)} blocks, tags: {', '.join(means.tag_labels)})")
     if args.means_json is not None:
         payload = {

@@ -216,7 +216,7 @@ def plot_routing_heatmaps(
     nrows = -(-count // ncols)
     values = means.means[index]
     top = vmax if vmax is not None else float(torch.nan_to_num(values, nan=0.0).max().clamp_min(1e-6))
-    figure = Figure(figsize=(panel_size[0] * ncols + 1.0, panel_size[1] * nrows + (0.6 if title else 0.2)), dpi=dpi)
+    figure = Figure(figsize=(panel_size[0] * ncols + 1.0, panel_size[1] * nrows + (0.6 if title else 0.2)), dpi=dpi, layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False)
     image = None
     for k, ax in enumerate(axes.flat):
