@@ -112,12 +112,13 @@ def load_raw_glue(
         task: one of :data:`GLUE_TASKS`.
         path: the Hub dataset id (default ``"nyu-mll/glue"``), a local copy of that repository, or a folder holding
             one ``DatasetDict.save_to_disk`` folder per task (``<path>/<task>/dataset_dict.json``).
-        load_dataset_kwargs: passed to :func:`datasets.load_dataset` (for example ``cache_dir``).
+        load_dataset_kwargs: passed to :func:`datasets.load_dataset` (for example ``cache_dir``); for a
+            ``save_to_disk`` folder only ``keep_in_memory`` applies.
     """
     glue_task_index(task)
     saved = Path(path) / task
     if (saved / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(saved))
+        return datasets.load_from_disk(str(saved), keep_in_memory=load_dataset_kwargs.get("keep_in_memory"))
     return datasets.load_dataset(str(path), task, **load_dataset_kwargs)
 
 
