@@ -108,6 +108,11 @@ class RoutingMethod:
         raise NotImplementedError
 
     # -- shared helpers ---------------------------------------------------------------------------------------------
+    def router_probs(self, inputs: RoutingInputs) -> torch.Tensor:
+        """The router's probabilities ``[B, N]`` after expert dropout (training only)."""
+        keep = self.expert_dropout_mask(inputs, inputs.logits)
+        return self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+
     def expert_dropout_mask(self, inputs: RoutingInputs, logits: torch.Tensor) -> Optional[torch.Tensor]:
         """Training-only keep mask ``[B, N]`` of expert dropout, or ``None`` when it does not apply."""
         rate = self.config.expert_dropout
@@ -142,8 +147,7 @@ class SmearRouting(RoutingMethod):
     name = "smear"
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        keep = self.expert_dropout_mask(inputs, inputs.logits)
-        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        probs = self.router_probs(inputs)
         return RoutingDecision("merge", weights=probs, probs=probs)
 
 
@@ -154,8 +158,7 @@ class EnsembleRouting(RoutingMethod):
     name = "ensemble"
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        keep = self.expert_dropout_mask(inputs, inputs.logits)
-        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        probs = self.router_probs(inputs)
         return RoutingDecision("mix", weights=probs, probs=probs)
 
 
@@ -167,8 +170,7 @@ class TopKRouting(RoutingMethod):
     name = "top_k"
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        keep = self.expert_dropout_mask(inputs, inputs.logits)
-        probs = self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        probs = self.router_probs(inputs)
         k = self.config.top_k
         if k == 1:
             weight, index = probs.max(dim=-1)
