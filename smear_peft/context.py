@@ -73,6 +73,8 @@ class RoutingContext:
     keys: Optional[torch.Tensor] = None
     content_keys: Optional[torch.Tensor] = None
     recorder: Any = None
+    #: The tags / keys came with this forward call's keyword arguments (cleared when it returns).
+    set_by_forward: bool = False
     #: REINFORCE terms of the current forward: adapter -> list of (log_prob, entropy, predicted loss).
     reinforce_terms: dict[str, list] = field(default_factory=dict)
     #: Within one ``generate`` call, decoder blocks keep their routing and merged experts (see `SmearLayer`).

@@ -235,7 +235,7 @@ class SmearModel(BaseTuner):
         return args, kwargs
 
     def _on_model_end(self, module, args, kwargs, output):
-        if getattr(self._context, "set_by_forward", False):
+        if self._context.set_by_forward:
             self._set_routing_inputs(None, None)
             self._context.set_by_forward = False
 
@@ -263,7 +263,8 @@ class SmearModel(BaseTuner):
 
     # -- tags and keys ---------------------------------------------------------------------------------------------
     def _set_routing_inputs(self, tags: TagsLike, keys: TagsLike) -> None:
-        self._context.tags = None if tags is None else self._tag_tensor(tags)
+        device = next(self.model.parameters()).device  # once per call, not once per block
+        self._context.tags = None if tags is None else self._tag_tensor(tags).to(device)
         self._context.keys = None if keys is None else torch.as_tensor(keys, dtype=torch.long).reshape(-1)
 
     def _tag_tensor(self, tags: TagsLike) -> torch.Tensor:
