@@ -151,6 +151,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
             return cache[(self, adapter)]
         routing = self.smear_routing[adapter]
         batch = tokens.shape[0]
+        tags = self._context.tags_for(batch)
         pooled = None
         logits = None
         if routing.uses_router:
@@ -164,7 +165,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
                 training=self.training,
                 side=self.side,
                 block_index=self.block_index,
-                tags=self._context.tags_for(batch),
+                tags=tags,
                 keys=self._context.keys_for(batch) if routing.name == "hash" else None,
             )
         )
@@ -174,7 +175,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
             self._context.reinforce_terms.setdefault(adapter, []).append((decision.log_prob, decision.entropy, baseline))
         recorder = self._context.recorder
         if recorder is not None:
-            recorder.record(self, adapter, decision, self._context.tags_for(batch))
+            recorder.record(self, adapter, decision, tags)
         experts: Experts = self.smear_experts[adapter]
         if decision.kind == "merge":
             params = experts.merged(decision.weights)

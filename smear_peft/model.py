@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
@@ -389,7 +389,3 @@ def _first_layer(stack: nn.Module) -> Optional[nn.Module]:
         if isinstance(child, nn.ModuleList) and len(child):
             return child[0]
     return None
-
-
-def is_smear_layer(module: nn.Module) -> bool:
-    return isinstance(module, SmearLayer) and isinstance(module, BaseTunerLayer)

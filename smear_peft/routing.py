@@ -94,8 +94,6 @@ class RoutingMethod:
     name: ClassVar[str]
     #: The block has a router whose logits are passed in `RoutingInputs.logits`.
     uses_router: ClassVar[bool] = True
-    #: The router is trained by the task loss (REINFORCE trains it through its auxiliary loss instead).
-    router_gets_task_gradient: ClassVar[bool] = True
 
     def __init__(self, config: "SmearConfig"):
         self.config = config
@@ -234,7 +232,6 @@ class ReinforceRouting(RoutingMethod):
     loss; `SmearModel.reinforce_loss` trains it with a policy-gradient term against a learned baseline."""
 
     name = "reinforce"
-    router_gets_task_gradient = False
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         logits = inputs.logits.float()
