@@ -82,18 +82,18 @@ class RoutingRecorder:
             tag_names = getattr(config, "tag_names", None)
         self.tag_names = list(tag_names) if tag_names else None
         self.records: dict[str, BlockRecord] = {}
-        self._previous: Any = None
+        self._scope: Any = None
 
     # -- context manager -------------------------------------------------------------------------------------------
     def __enter__(self) -> "RoutingRecorder":
-        context = self.smear_model.routing_context
-        self._previous = context.recorder
-        context.recorder = self
+        # A scope of this thread's calls (smear_peft.frames): other threads' calls are not recorded.
+        self._scope = self.smear_model.frames.scope(recorder=self)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.smear_model.routing_context.recorder = self._previous
-        self._previous = None
+        scope, self._scope = self._scope, None
+        scope.__exit__(*exc_info)
 
     # -- called by SmearLayer --------------------------------------------------------------------------------------
     @torch.no_grad()

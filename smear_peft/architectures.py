@@ -53,6 +53,7 @@ class ArchitecturePreset:
             and leaves ``reduction_factor`` at its default (the authors' ResNet blocks are C -> 32 -> C at every width).
         hidden_size: Function ``(parent, target) -> channels`` for targets whose width `infer_layout` cannot read
             (``parent`` is the module holding the target).
+        flattened_outputs: Insertion points (names, as in ``targets``) whose output is ``[batch * positions, C]``.
     """
 
     model_types: tuple[str, ...]
@@ -64,6 +65,7 @@ class ArchitecturePreset:
     input_norm: str = "none"
     bottleneck_size: int | None = None
     hidden_size: Callable[[nn.Module, nn.Module], int] | None = field(default=None, compare=False)
+    flattened_outputs: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.position not in ("output", "input"):
@@ -118,6 +120,9 @@ class BlockLayout(NamedTuple):
     hidden_size: int
     channel_dim: int
     position: str
+    #: The module's output is ``[batch * positions, C]`` (OPT's FFN flattens its tokens): the block restores
+    #: ``[batch, positions, C]`` from the call's batch size before routing.
+    flattened: bool = False
 
 
 def _as_regex(targets: Targets) -> str:
@@ -135,6 +140,13 @@ def _matches(key: str, targets: Targets) -> bool:
 def _resnet_layer_channels(parent: nn.Module, target: nn.Module) -> int:
     """Output channels of a transformers ResNet basic / bottleneck layer (``parent``): those of its last conv."""
     return parent.layer[-1].convolution.out_channels
+
+
+def _config_hidden_size(parent: nn.Module, target: nn.Module) -> int:
+    """Width of a transformer sublayer's output: its config's ``hidden_size`` (fused projections such as Phi-3's
+    ``qkv_proj`` make the last Linear a poor guide), else what `infer_layout` reads."""
+    size = getattr(getattr(target, "config", None), "hidden_size", None)
+    return size if isinstance(size, int) else infer_layout(target).hidden_size
 
 
 #: T5 family: pre-LN sublayers whose residual add is inside the sublayer module. The inner attention / FFN modules
@@ -191,8 +203,56 @@ RESNET_PRESET = ArchitecturePreset(
     hidden_size=_resnet_layer_channels,
 )
 
+#: Whisper: BART-like encoder-decoder layers (``self_attn`` / ``encoder_attn`` return the attention output before
+#: dropout and the residual add; ``fc2`` ends the FFN branch). Decoder blocks route on the encoder's output.
+WHISPER_PRESET = ArchitecturePreset(
+    model_types=("whisper",),
+    targets={"self_attention": ("self_attn",), "cross_attention": ("encoder_attn",), "feed_forward": ("fc2",)},
+    layer_norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm", "layer_norm"),
+)
+
+#: Causal LMs with Llama-style layers: ``self_attn`` and ``mlp`` return their sublayer output before the residual
+#: add. Blocks route causally (`SmearConfig.causal_routing`: on the prompt by default, or by segments).
+LLAMA_PRESET = ArchitecturePreset(
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"),
+    targets={"self_attention": ("self_attn",), "feed_forward": ("mlp",)},
+    layer_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "model.norm",
+    ),
+    hidden_size=_config_hidden_size,
+)
+
+#: GPT-2: ``attn`` and ``mlp`` return the sublayer output before the residual add.
+GPT2_PRESET = ArchitecturePreset(
+    model_types=("gpt2",),
+    targets={"self_attention": ("attn",), "feed_forward": ("mlp",)},
+    layer_norms=("ln_1", "ln_2", "ln_f"),
+)
+
+#: GPT-NeoX (Pythia): ``attention`` and ``mlp`` (parallel or sequential residual; both return the branch output).
+GPT_NEOX_PRESET = ArchitecturePreset(
+    model_types=("gpt_neox",),
+    targets={"self_attention": ("attention",), "feed_forward": ("mlp",)},
+    layer_norms=("input_layernorm", "post_attention_layernorm", "final_layer_norm"),
+)
+
+#: OPT: ``self_attn`` (tuple output) and ``fc2`` end the two residual branches, as in BART.
+OPT_PRESET = ArchitecturePreset(
+    model_types=("opt",),
+    targets={"self_attention": ("self_attn",), "feed_forward": ("fc2",)},
+    layer_norms=("self_attn_layer_norm", "final_layer_norm"),
+    flattened_outputs=(("fc2",),),
+)
+
 #: Presets searched by `find_preset`, most recently registered first.
-PRESETS: list[ArchitecturePreset] = [T5_PRESET, BART_PRESET, VIT_PRESET, RESNET_PRESET]
+PRESETS: list[ArchitecturePreset] = [
+    T5_PRESET, BART_PRESET, WHISPER_PRESET, VIT_PRESET, RESNET_PRESET,
+    LLAMA_PRESET, GPT2_PRESET, GPT_NEOX_PRESET, OPT_PRESET,
+]
 
 
 def register_preset(preset: ArchitecturePreset) -> None:
@@ -221,7 +281,8 @@ def block_layout(preset: ArchitecturePreset | None, key: str, parent: nn.Module,
     """
     if preset is not None and preset.is_insertion_point(key):
         hidden = preset.hidden_size(parent, target) if preset.hidden_size else infer_layout(target).hidden_size
-        return BlockLayout(hidden, preset.channel_dim, preset.position)
+        flattened = any(_matches(key, names) for names in preset.flattened_outputs)
+        return BlockLayout(hidden, preset.channel_dim, preset.position, flattened)
     return infer_layout(target)
 
 

@@ -45,6 +45,13 @@ class SmearConfig(PeftConfig):
         activation: Nonlinearity between the projections (``swish`` in the authors' code).
         expert_init_std: Standard deviation of the normal init of every expert weight (biases start at zero).
         router_init_scale: Std of the router weight init and initial gain of the LayerNorm over expert weight vectors.
+        causal_routing: Routing of decoder-only models (see docs/routing_sources.md). ``prompt`` (the default for causal
+            LMs): each example is routed on the mean of each block's input over its prompt, kept for every later
+            token (generate: the prompt it receives; training: the leading positions whose labels are -100, or an
+            explicit ``routing_mask``). ``segment``: segment k of each sequence is routed on segment k-1 (Lory), so
+            no position depends on a later token; segment 0 routes on an all-zero input. ``None``: ``prompt`` for
+            models that generate text without an encoder, not used otherwise.
+        segment_length: Tokens per segment of ``causal_routing="segment"``.
         pooling: How the router input is pooled over positions. ``masked_mean`` ignores padding (batch invariant,
             our default); ``mean`` is the authors' unmasked mean over the padded batch.
         post_norm: LayerNorm on the expert output before the residual add (on for transformers, as the authors).
@@ -95,6 +102,10 @@ class SmearConfig(PeftConfig):
     activation: str = field(default="swish", metadata={"help": "Activation between the projections."})
     expert_init_std: float = field(default=0.01, metadata={"help": "Std of the expert weight init."})
     router_init_scale: float = field(default=0.01, metadata={"help": "Router weight std and weight-norm gain."})
+    causal_routing: Optional[Literal["prompt", "segment"]] = field(
+        default=None, metadata={"help": "Decoder-only models: route on the prompt or causally by segments."}
+    )
+    segment_length: int = field(default=256, metadata={"help": "Tokens per segment (causal_routing='segment')."})
     pooling: Literal["masked_mean", "mean"] = field(default="masked_mean", metadata={"help": "Router input pooling."})
     post_norm: Optional[bool] = field(default=None, metadata={"help": "LayerNorm after the expert (preset default)."})
     input_norm: Optional[Literal["none", "batch_norm"]] = field(
@@ -148,7 +159,7 @@ class SmearConfig(PeftConfig):
         """Raise a `ValueError` that names the fix for any inconsistent field."""
         if self.routing not in ROUTING_METHODS:
             _fail("routing", f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_METHODS)}.")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
             _fail("num_experts", f"must be a positive integer, got {self.num_experts!r}.")
         if not 0.0 <= self.expert_dropout < 1.0:
             _fail("expert_dropout", f"must be in [0, 1), got {self.expert_dropout}.")
@@ -162,6 +173,12 @@ class SmearConfig(PeftConfig):
             _fail("activation", f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}.")
         if self.expert_init_std <= 0 or self.router_init_scale <= 0:
             _fail("expert_init_std", "expert_init_std and router_init_scale must be positive.")
+        if self.causal_routing not in (None, "prompt", "segment"):
+            _fail("causal_routing", f"must be None, 'prompt' or 'segment', got {self.causal_routing!r}.")
+        if not isinstance(self.segment_length, int) or isinstance(self.segment_length, bool) or self.segment_length < 1:
+            _fail("segment_length", f"must be a positive integer, got {self.segment_length!r}.")
+        if self.causal_routing is not None and self.pooling != "masked_mean":
+            _fail("pooling", "causal routing always averages over the real tokens it may see; keep pooling='masked_mean'.")
         if self.pooling not in ("masked_mean", "mean"):
             _fail("pooling", f"must be 'masked_mean' or 'mean', got {self.pooling!r}.")
         if self.input_norm not in (None, "none", "batch_norm"):

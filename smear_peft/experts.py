@@ -11,11 +11,14 @@ the authors' code). A routing block applies the stack in one of three ways:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .routing import RoutingDecision
 
 #: Activations between the projections. ``swish`` is what the authors' code uses.
 ACTIVATIONS = {
@@ -49,6 +52,32 @@ class Experts(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.down_weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down_weight.dtype
+
+    def forward(
+        self, inputs: torch.Tensor, decision: "RoutingDecision", params: Optional[ExpertParameters] = None
+    ) -> tuple[torch.Tensor, Optional[ExpertParameters]]:
+        """Apply the experts to ``inputs`` ``[U, S, hidden]`` as ``decision`` says (one row of it per unit).
+
+        Returns the output and the per-unit parameters it used (merged or gathered; ``None`` for ``shared`` and
+        ``mix``), which a caller may pass back as ``params`` to apply the same expert again (decoding steps). All
+        parameter reads happen here, so the module can be its own FSDP / ZeRO-3 unit."""
+        if decision.kind == "shared":
+            return self.run_shared(inputs), None
+        if decision.kind in ("merge", "select"):
+            if params is None:
+                params = self.merged(decision.weights) if decision.kind == "merge" else self.selected(decision.index)
+            output = self.run(inputs, params)
+            if decision.kind == "select" and decision.weights is not None:
+                output = output * decision.weights.to(output.dtype)[:, None, None]
+            return output, params
+        if decision.index is None:  # every expert (ensemble): mixed inside the contractions
+            return self.run_mixture(inputs, decision.weights), None
+        outputs = self.run_each(inputs, decision.index)  # [U, K, S, C]
+        return torch.einsum("bk,bksc->bsc", decision.weights.to(outputs.dtype), outputs), None
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float) -> None:

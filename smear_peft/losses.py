@@ -8,7 +8,7 @@ for a classifier it is the example's cross-entropy.
 In a plain PyTorch / Accelerate loop, REINFORCE is one extra line::
 
     out = model(**batch)
-    loss = out.loss + reinforce_loss(model, per_example_seq2seq_loss(out.logits, batch["labels"]))
+    loss = out.loss + reinforce_loss(out, per_example_seq2seq_loss(out.logits, batch["labels"]))
     accelerator.backward(loss)
 
 `reinforce_loss` is zero for every other routing method (and in evaluation), so the line can stay in any loop.
@@ -16,7 +16,7 @@ In a plain PyTorch / Accelerate loop, REINFORCE is one extra line::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +98,49 @@ def unwrap_smear_model(model: nn.Module) -> "SmearModel":
     return current
 
 
-def reinforce_loss(model: nn.Module, example_losses: Optional[torch.Tensor]) -> torch.Tensor:
-    """The REINFORCE auxiliary loss of ``model``'s last forward pass (0 for other routing methods and in evaluation).
+def reinforce_loss(outputs: Any, example_losses: Optional[torch.Tensor]) -> torch.Tensor:
+    """The REINFORCE auxiliary loss of the forward that returned ``outputs`` (0 for other routing methods and in
+    evaluation).
 
-    ``example_losses`` is the ``[batch]`` task loss of each example (e.g. `per_example_seq2seq_loss`); see
-    `SmearModel.reinforce_loss` for the terms and their signs. Works on a `PeftModel` and its wrappers.
+    ``outputs`` is the model's output: REINFORCE terms travel on it, so no other call can change or lose them.
+    ``example_losses`` is the ``[batch]`` task loss of each example (e.g. `per_example_seq2seq_loss`). Summed over
+    active REINFORCE adapters, averaged over blocks and examples, as in the authors' code, with each block's baseline
+    ``b`` predicted from the detached router input::
+
+        policy_weight * mean(log p(chosen) * (L - b).detach())
+      + entropy_weight * mean(-sum_n p_n log p_n)        # added to the loss, i.e. entropy is penalised (authors)
+      + value_weight * mean(huber_delta=1(L - b))
     """
-    return unwrap_smear_model(model).reinforce_loss(example_losses)
+    if isinstance(outputs, nn.Module):
+        raise TypeError(
+            "reinforce_loss(outputs, example_losses): pass the model's output, not the model (the REINFORCE terms "
+            "belong to the forward that produced them): `loss = out.loss + reinforce_loss(out, per_example)`."
+        )
+    terms = {a: t for a, t in (getattr(outputs, "smear_reinforce_terms", None) or {}).items() if t[1]}
+    device = example_losses.device if isinstance(example_losses, torch.Tensor) else None
+    total = torch.zeros((), device=device)
+    if not terms:
+        return total
+    if example_losses is None:
+        raise ValueError(
+            "REINFORCE routing needs the per-example task loss: pass a [batch] tensor of losses (e.g. the summed "
+            "token NLL of each example, see smear_peft.losses.per_example_seq2seq_loss)."
+        )
+    losses = example_losses.detach().float().reshape(-1)
+    for config, block_terms in terms.values():
+        count = len(block_terms)
+        for log_prob, entropy, baseline, example in block_terms:
+            examples = log_prob.shape[0] if example is None else int(example.max()) + 1
+            if examples != losses.shape[0]:
+                raise ValueError(f"Got {losses.shape[0]} example losses for a batch of {examples} examples.")
+            target = losses if example is None else losses[example]
+            advantage = target - baseline
+            total = total + config.reinforce_policy_weight * (log_prob * advantage.detach()).mean() / count
+            total = total + config.reinforce_entropy_weight * entropy.mean() / count
+            total = total + config.reinforce_value_weight * F.huber_loss(baseline, target, delta=1.0) / count
+    return total
+
+
+def has_reinforce_terms(outputs: Any) -> bool:
+    """Whether a forward recorded REINFORCE terms (a training forward of a REINFORCE adapter)."""
+    return any(t[1] for t in (getattr(outputs, "smear_reinforce_terms", None) or {}).values())

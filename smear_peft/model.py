@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -15,12 +16,11 @@ from torch import nn
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
 from .config import SUBLAYERS, SmearConfig
-from .context import RoutingContext
+from .frames import CarryFrames, FrameStack, GenerationSession
+from .hooks import ROUTING_KWARGS, FrameHooks
 from .layer import SmearLayer
-from .routing import RoutingMethod, build_routing_method, content_keys, gumbel_temperature_at
-
-#: Per-call keyword arguments consumed by smear-peft (never passed on to the base model).
-ROUTING_KWARGS = ("routing_tags", "routing_keys")
+from .losses import reinforce_loss
+from .routing import RoutingMethod, build_routing_method
 
 TagsLike = Union[torch.Tensor, Sequence[Union[int, str]], None]
 
@@ -43,13 +43,17 @@ class PresetTargets(Mapping):
 
 
 class SmearModel(BaseTuner):
-    """Injects `SmearLayer` blocks into a model (see `SmearConfig`) and manages their routing context.
+    """Injects `SmearLayer` blocks into a model (see `SmearConfig`) and gives every call its routing frame.
 
     Beyond the usual PEFT tuner API it offers:
 
-    * ``routing_tags`` / ``routing_keys`` keyword arguments on ``forward`` and ``generate`` (and the `routing_inputs`
-      context manager) for tag and hash routing, and as metadata for `smear_peft.analysis.RoutingRecorder`;
+    * ``routing_tags`` / ``routing_keys`` (and, for causal LMs, ``routing_mask``) keyword arguments on ``forward`` and
+      ``generate``, and the `routing_inputs` context manager, for tag and hash routing and as metadata for
+      `smear_peft.analysis.RoutingRecorder`;
     * `reinforce_loss` (the auxiliary loss of REINFORCE routing) and `set_training_step` (ST-Gumbel annealing).
+
+    Routing state belongs to one call (`smear_peft.frames`): concurrent calls from threads are exact, and nothing a
+    forward sets outlives it.
     """
 
     prefix: str = "smear_"
@@ -58,12 +62,13 @@ class SmearModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
         # Tuner-level state must exist before BaseTuner.__init__ injects the adapter.
-        object.__setattr__(self, "_context", RoutingContext())
+        object.__setattr__(self, "frames", FrameStack())
         object.__setattr__(self, "_routing_methods", {})
         object.__setattr__(self, "_hook_handles", [])
         object.__setattr__(self, "_batch_norm_hook_handles", [])
         object.__setattr__(self, "_num_blocks", 0)
-        object.__setattr__(self, "_sides", {})
+        object.__setattr__(self, "_stack_names", None)
+        object.__setattr__(self, "_checkpointing_modules", None)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # -- configuration and injection -------------------------------------------------------------------------------
@@ -71,6 +76,16 @@ class SmearModel(BaseTuner):
     def preset(self) -> Optional[ArchitecturePreset]:
         """The architecture preset of the base model's ``model_type`` (``None`` for models without one)."""
         return find_preset(getattr(getattr(self.model, "config", None), "model_type", None))
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """A decoder-only model that generates text (its blocks get causal routing by default)."""
+        can_generate = getattr(self.model, "can_generate", None)
+        return not self.is_encoder_decoder and callable(can_generate) and bool(can_generate())
 
     def _prepare_adapter_config(self, peft_config: SmearConfig, model_config: dict) -> SmearConfig:
         preset = find_preset(model_config.get("model_type"))
@@ -83,6 +98,13 @@ class SmearModel(BaseTuner):
             )
         if preset is not None:
             preset.prepare_config(peft_config)
+        if peft_config.causal_routing is not None and self.is_encoder_decoder:
+            raise ValueError(
+                "SmearConfig.causal_routing applies to decoder-only models; the decoder blocks of an encoder-decoder "
+                "model route on the encoder's output. Leave causal_routing=None."
+            )
+        if peft_config.causal_routing is None and self.is_causal_lm:
+            peft_config.causal_routing = "prompt"
         return peft_config
 
     def _create_and_replace(
@@ -101,25 +123,38 @@ class SmearModel(BaseTuner):
             return
         preset = self.preset
         layout = block_layout(preset, current_key, parent, target)
+        side = self._side_of(current_key)
+        role = "encoder_output" if side == "decoder" else "causal" if peft_config.causal_routing else "input"
         new_module = SmearLayer(
             target,
             adapter_name,
             peft_config,
             routing,
             hidden_size=layout.hidden_size,
-            context=self._context,
-            side=self._side_of(current_key),
+            frames=self.frames,
+            role=role,
+            source_size=self._encoder_output_size() if role == "encoder_output" else None,
+            side=side,
             block_index=self._num_blocks,
             block_name=current_key,
             channel_dim=layout.channel_dim,
             position=layout.position,
+            flattened=layout.flattened,
             post_norm=preset.post_norm if preset else True,
             input_norm=preset.input_norm if preset else "none",
+            reference=_first_floating_tensor(self.model),
         )
         object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _encoder_output_size(self) -> Optional[int]:
+        """Width of the encoder output the decoder reads (after any encoder-to-decoder projection)."""
+        _, decoder = _stacks(self.model)
+        config = getattr(decoder, "config", None) or getattr(self.model, "config", None)
+        width = getattr(config, "cross_attention_hidden_size", None) or getattr(config, "hidden_size", None)
+        return width if isinstance(width, int) else None
 
     def _check_new_adapter_config(self, config: SmearConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -150,41 +185,40 @@ class SmearModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SmearConfig, adapter_name: str) -> None:
         if "smear_gumbel_temperature" not in self._modules:
-            # Tuner-level buffers are saved with the adapter: ST-Gumbel's annealed temperature, one per adapter.
+            # Tuner-level buffers are saved with the adapter: a routing method's temperature, one per adapter.
             self.smear_gumbel_temperature = BufferDict({}, persistent=True)
 
     def _routing_method(self, adapter_name: str, config: SmearConfig) -> RoutingMethod:
         """One routing method object per adapter, shared by all of its blocks."""
         if adapter_name not in self._routing_methods:
             method = build_routing_method(config)
-            if config.routing == "st_gumbel":
-                self.smear_gumbel_temperature[adapter_name] = torch.tensor([config.gumbel_temperature])
+            temperature = method.initial_temperature()
+            if temperature is not None:
+                self.smear_gumbel_temperature[adapter_name] = torch.tensor([temperature])
                 method.bind_temperature(self.smear_gumbel_temperature, adapter_name)
             self._routing_methods[adapter_name] = method
         return self._routing_methods[adapter_name]
 
     def _side_of(self, key: str) -> str:
         """``encoder`` / ``decoder`` for modules inside an encoder-decoder model's stacks, else ``any``."""
-        if not self._sides:
-            self._sides.update(_stack_names(self.model))
-        for side, name in self._sides.items():
+        if self._stack_names is None:
+            object.__setattr__(self, "_stack_names", _stack_names(self.model))
+        for side, name in self._stack_names.items():
             if name is not None and (key == name or key.startswith(name + ".")):
                 return side
         return "any"
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's default copies `.weight` onto the module put back on unload, which sublayers don't have.
+        # PEFT's default copies `.weight` onto the module put back on unload, which sublayers don't have; SmearLayer
+        # puts its adapters on the device of the wrapped module (or of the model) itself.
         setattr(parent, child_name, new_module)
-        reference = next(child.parameters(), None)
-        if isinstance(new_module, SmearLayer) and reference is not None:
-            for name in SmearLayer.adapter_layer_names:
-                for module in getattr(new_module, name).values():
-                    if not any(p.device.type == "meta" for p in module.parameters()):
-                        module.to(reference.device)
 
     def _post_injection_hook(self, model: nn.Module, config: SmearConfig, adapter_name: str) -> None:
         if not self._hook_handles:
-            self._install_hooks()
+            self._hook_handles.extend(FrameHooks(self).install(self.model, *_stacks(self.model)))
+            if callable(getattr(type(self.model), "generate", None)) and "generate" not in vars(self.model):
+                # However generate is reached (PeftModel, this tuner, the base model itself), it runs in one session.
+                self.model.generate = GenerateInSession(self, self.model.generate)
         if hasattr(model, "add_model_tags"):  # shown in the model card PEFT writes on save_pretrained
             model.add_model_tags(["smear-peft", "smear"])
 
@@ -201,7 +235,30 @@ class SmearModel(BaseTuner):
             for handle in handles:
                 handle.remove()
             handles.clear()
+        if isinstance(vars(self.model).get("generate"), GenerateInSession):
+            del self.model.generate
+        for module in self._checkpointing_modules or ():
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(function, CarryFrames):
+                module._gradient_checkpointing_func = function.checkpoint
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """As PEFT: adapters start in the base layer's dtype and fp16 / bf16 ones are upcast to fp32 when
+        ``autocast_adapter_dtype`` (the default). PEFT casts parameters only; the adapters' BatchNorm statistics follow
+        their parameters here."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for layer in self.smear_layers():
+            for name in layer.adapter_layer_names:
+                container = getattr(layer, name)
+                module = container[adapter_name] if adapter_name in container else None
+                parameter = next(module.parameters(), None) if module is not None else None
+                if parameter is None or parameter.device.type == "meta":
+                    continue
+                for owner in module.modules():
+                    for key, buffer in owner._buffers.items():
+                        if buffer is not None and buffer.is_floating_point() and buffer.dtype != parameter.dtype:
+                            owner._buffers[key] = buffer.to(parameter.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -209,159 +266,174 @@ class SmearModel(BaseTuner):
         if adapter_name in self.smear_gumbel_temperature:
             del self.smear_gumbel_temperature[adapter_name]
 
-    # -- routing context from hooks --------------------------------------------------------------------------------
-    def _install_hooks(self) -> None:
-        """Permanent hooks that fill the routing context (removed by ``unload``)."""
-        handles = self._hook_handles
-        handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
-        handles.append(self.model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
-        encoder, decoder = _stacks(self.model)
-        if encoder is not None and decoder is not None:
-            handles.append(encoder.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
-            handles.append(decoder.register_forward_pre_hook(self._on_decoder_start, with_kwargs=True))
-            first_layer = _first_layer(decoder)
-            if first_layer is not None:
-                handles.append(first_layer.register_forward_pre_hook(self._on_first_decoder_layer, with_kwargs=True))
+    # -- what the frame hooks ask --------------------------------------------------------------------------------
+    def _active_methods(self) -> list[RoutingMethod]:
+        return [self._routing_methods[a] for a in self.active_adapters if a in self._routing_methods]
 
-    def _on_model_start(self, module, args, kwargs):
-        context = self._context
-        context.start_forward()
-        routing = {name: kwargs.pop(name) for name in ROUTING_KWARGS if name in kwargs}
-        context.set_by_forward = bool(routing)
-        if routing:
-            self._set_routing_inputs(routing.get("routing_tags"), routing.get("routing_keys"))
-        if self._sides.get("encoder") is None:  # not an encoder-decoder model: this call's inputs feed routing
-            self._capture_inputs(kwargs.get("attention_mask"), kwargs.get("input_ids"), kwargs.get("pixel_values", args[0] if args else None))
-        return args, kwargs
+    def needs_keys(self) -> bool:
+        return any(m.needs_keys for m in self._active_methods())
 
-    def _on_model_end(self, module, args, kwargs, output):
-        if self._context.set_by_forward:
-            self._set_routing_inputs(None, None)
-            self._context.set_by_forward = False
+    def pooling_modes(self) -> set[str]:
+        return {m.config.pooling for m in self._active_methods()} or {"masked_mean"}
 
-    def _on_encoder_start(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._capture_inputs(kwargs.get("attention_mask"), input_ids, None)
+    @property
+    def has_causal_blocks(self) -> bool:
+        return any(m.config.causal_routing for m in self._routing_methods.values()) and not self.is_encoder_decoder
 
-    def _capture_inputs(self, attention_mask, input_ids, pixel_values) -> None:
-        context = self._context
-        context.input_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        content = input_ids if isinstance(input_ids, torch.Tensor) else pixel_values
-        needs_keys = any(m.name == "hash" for m in self._routing_methods.values()) and context.keys is None
-        context.content_keys = content_keys(content, context.input_mask) if needs_keys and isinstance(content, torch.Tensor) else None
+    def carry_frames_into_checkpoints(self) -> None:
+        """Wrap the model's gradient-checkpointing functions so that recomputed layers see their call's frame
+        (`smear_peft.frames.CarryFrames`); a function set later (``gradient_checkpointing_enable``) is wrapped at the
+        next call."""
+        modules = self._checkpointing_modules
+        if modules is None:
+            modules = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+            object.__setattr__(self, "_checkpointing_modules", modules)
+        for module in modules:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if function is not None and not isinstance(function, CarryFrames):
+                module._gradient_checkpointing_func = CarryFrames(function)
 
-    def _on_decoder_start(self, module, args, kwargs):
-        modes = {self.peft_config[a].pooling for a in self.active_adapters if a in self.peft_config}
-        self._context.set_decoder_inputs(kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask"), modes)
+    def index_tensor(self, values: TagsLike, what: str, batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Per-example ``routing_tags`` / ``routing_keys`` as a ``[B]`` long tensor on the model's device.
 
-    def _on_first_decoder_layer(self, module, args, kwargs):
-        if args:
-            return (self._context.relay_into(args[0]), *args[1:]), kwargs
-        if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = self._context.relay_into(kwargs["hidden_states"])
-        return args, kwargs
-
-    # -- tags and keys ---------------------------------------------------------------------------------------------
-    def _set_routing_inputs(self, tags: TagsLike, keys: TagsLike) -> None:
-        device = next(self.model.parameters()).device  # once per call, not once per block
-        self._context.tags = None if tags is None else self._tag_tensor(tags).to(device)
-        self._context.keys = None if keys is None else torch.as_tensor(keys, dtype=torch.long).reshape(-1)
-
-    def _tag_tensor(self, tags: TagsLike) -> torch.Tensor:
-        configs = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
-        if isinstance(tags, torch.Tensor):
-            tensor = tags.reshape(-1).long()
+        Integers (or tag names, for tags) only, one per example: floats, booleans and nested lists are errors."""
+        if values is None:
+            return None
+        if isinstance(values, torch.Tensor):
+            if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+                raise ValueError(f"{what} must be integers (got a {values.dtype} tensor); pass a LongTensor or ints.")
+            if values.dim() != 1:
+                raise ValueError(f"{what} must be one value per example, a 1-D tensor; got shape {tuple(values.shape)}.")
+            tensor = values.long()
         else:
-            named = next((c for c in configs if c.tag_names), configs[0] if configs else None)
-            tensor = torch.tensor([named.tag_index(t) if named else int(t) for t in tags], dtype=torch.long)
-        for config in configs:
-            if config.routing == "tag" and tensor.numel() and (tensor.min() < 0 or tensor.max() >= config.resolved_num_tags):
-                raise ValueError(
-                    f"routing_tags must be in [0, {config.resolved_num_tags}) for this adapter, got {tensor.tolist()}; "
-                    "set SmearConfig(num_tags=...) or tag_names to cover every tag."
-                )
-        return tensor
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ValueError(f"{what} must be a list or 1-D tensor with one value per example, got {values!r}.")
+            indices = []
+            for value in values:
+                if isinstance(value, str) and what == "routing_tags":
+                    named = next((c for c in self._active_configs() if c.tag_names), None)
+                    indices.append(named.tag_index(value) if named else self._unknown_tag(value))
+                elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+                    indices.append(int(value))
+                else:
+                    raise ValueError(
+                        f"{what} must hold one integer{' or tag name' if what == 'routing_tags' else ''} per example; "
+                        f"got {value!r} ({type(value).__name__}). Floats are not truncated and lists are not flattened."
+                    )
+            tensor = torch.tensor(indices, dtype=torch.long)
+        if batch_size is not None and tensor.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {tensor.shape[0]} {what} for a batch of {batch_size} examples: pass exactly one per example "
+                "(only generate() repeats them for beams and return sequences)."
+            )
+        device = _first_floating_tensor(self.model)
+        return tensor.to(device.device) if device is not None else tensor
 
+    def _active_configs(self) -> list[SmearConfig]:
+        return [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
+
+    @staticmethod
+    def _unknown_tag(tag: str) -> int:
+        raise ValueError(f"Unknown routing tag {tag!r}: string tags need SmearConfig(tag_names=[...]) listing it.")
+
+    # -- per-call options ------------------------------------------------------------------------------------------
     @contextmanager
     def routing_inputs(self, routing_tags: TagsLike = None, routing_keys: TagsLike = None):
-        """Use these per-example tags / keys for every call inside the block (e.g. around a custom decoding loop)."""
-        previous = (self._context.tags, self._context.keys)
-        self._set_routing_inputs(routing_tags, routing_keys)
-        try:
+        """Use these per-example tags / keys for every call inside the block (e.g. around a custom decoding loop).
+
+        Nested blocks, and tags passed to a call inside, override the outer ones until they end. The state belongs to
+        the calling thread."""
+        tags = self.index_tensor(routing_tags, "routing_tags")
+        keys = self.index_tensor(routing_keys, "routing_keys")
+        with self.frames.scope(tags=tags, keys=keys):
             yield
-        finally:
-            self._context.tags, self._context.keys = previous
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """PEFT enters this around ``forward`` / ``generate`` with the call's keyword arguments."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:
+            raise ValueError(
+                "adapter_names= (mixed adapter batches) is not supported by SMEAR adapters: call the model once per "
+                "adapter (set_adapter) instead."
+            )
+        yield
 
     def forward(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, routing_tags: TagsLike = None, routing_keys: TagsLike = None, **kwargs: Any):
-        """``generate`` of the base model with per-example tags / keys (expanded to beams and return sequences).
+    def generate(self, *args: Any, **kwargs: Any):
+        """``generate`` of the base model with per-example ``routing_tags`` / ``routing_keys`` (repeated for beams and
+        return sequences) and, for causal LMs, an optional ``routing_mask`` [B, S] marking the part of the prompt to
+        route on.
 
-        Decoder routing depends only on the encoder's output, so within one call every decoder block computes its
-        routing and merged expert once and reuses them at every step (the decode-time cache)."""
-        with self.routing_inputs(routing_tags, routing_keys):
-            self._context.decode_cache = {}
-            try:
-                return self.model.generate(*args, **kwargs)
-            finally:
-                self._context.decode_cache = None
-                self._context._decoder_source = None
+        Routing is computed once per call and kept for every generated token: decoder blocks of encoder-decoder models
+        route on the encoder output, causal LMs on the prompt. Each block merges its experts once per call (the
+        decode-time cache). The base model's own ``generate`` behaves the same (see `GenerateInSession`)."""
+        return self.model.generate(*args, **kwargs)
+
+    def generate_in_session(self, generate, args: tuple, kwargs: dict):
+        tags = self.index_tensor(kwargs.pop("routing_tags", None), "routing_tags")
+        keys = self.index_tensor(kwargs.pop("routing_keys", None), "routing_keys")
+        mask = kwargs.pop("routing_mask", None)
+        mask = None if mask is None else torch.as_tensor(mask).bool()
+        self._check_generation(kwargs)
+        with self.frames.scope(tags=tags, keys=keys, routing_mask=mask, session=GenerationSession()):
+            return generate(*args, **kwargs)
+
+    def _check_generation(self, kwargs: dict) -> None:
+        segments = any(m.config.causal_routing == "segment" for m in self._active_methods())
+        if not segments or kwargs.get("use_cache") is False:
+            return
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        if beams > 1:
+            raise ValueError(
+                "causal_routing='segment' keeps per-sequence routing state that beam search would have to reorder "
+                "with its KV cache: pass use_cache=False to generate with beams (same results, slower)."
+            )
 
     # -- training-time API -----------------------------------------------------------------------------------------
     def set_training_step(self, step: int) -> dict[str, float]:
-        """Apply the authors' ST-Gumbel temperature schedule at a training step; returns each adapter's temperature."""
+        """Apply each adapter's temperature schedule (ST-Gumbel: the authors') at a training step; returns the
+        temperatures."""
         temperatures = {}
         for name, method in self._routing_methods.items():
-            if method.name != "st_gumbel":
+            tau = method.temperature_at(step)
+            if tau is None:
                 continue
-            c = method.config
-            tau = gumbel_temperature_at(step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every)
             self.smear_gumbel_temperature[name].fill_(tau)
             temperatures[name] = tau
         return temperatures
 
-    def reinforce_loss(self, example_losses: Optional[torch.Tensor]) -> torch.Tensor:
-        """Auxiliary loss of REINFORCE routing for the last forward pass (0 when no active adapter uses it).
-
-        With per-example task losses ``L`` ``[B]`` and each block's baseline ``b`` (predicted from the detached router
-        input), summed over active REINFORCE adapters, averaged over blocks and examples, as in the authors' code::
-
-            policy_weight * mean(log p(chosen) * (L - b).detach())
-          + entropy_weight * mean(-sum_n p_n log p_n)        # added to the loss, i.e. entropy is penalised (authors)
-          + value_weight * mean(huber_delta=1(L - b))
-
-        Add it to the task loss before ``backward``: ``loss = loss + model.base_model.reinforce_loss(per_example)``.
-        """
-        terms = {a: t for a, t in self._context.reinforce_terms.items() if t}
-        device = next(self.model.parameters()).device
-        total = torch.zeros((), device=device)
-        if not terms:
-            return total
-        if example_losses is None:
-            raise ValueError(
-                "REINFORCE routing needs the per-example task loss: pass a [batch] tensor of losses (e.g. the summed "
-                "token NLL of each example, see smear_peft.losses.per_example_seq2seq_loss)."
-            )
-        losses = example_losses.detach().float().reshape(-1)
-        for adapter, block_terms in terms.items():
-            config = self.peft_config[adapter]
-            log_prob, entropy, baseline = (torch.stack(t) for t in zip(*block_terms))  # [blocks, B]
-            if log_prob.shape[-1] != losses.shape[0]:
-                raise ValueError(f"Got {losses.shape[0]} example losses for a batch of {log_prob.shape[-1]} examples.")
-            advantage = losses[None] - baseline
-            total = total + config.reinforce_policy_weight * (log_prob * advantage.detach()).mean()
-            total = total + config.reinforce_entropy_weight * entropy.mean()
-            total = total + config.reinforce_value_weight * F.huber_loss(baseline, losses[None].expand_as(baseline), delta=1.0)
-        return total
-
-    @property
-    def routing_context(self) -> RoutingContext:
-        return self._context
+    def reinforce_loss(self, example_losses: Optional[torch.Tensor], outputs: Any) -> torch.Tensor:
+        """Auxiliary loss of REINFORCE routing for the forward that returned ``outputs`` (0 when it used none); see
+        `smear_peft.losses.reinforce_loss`."""
+        return reinforce_loss(outputs, example_losses)
 
     def smear_layers(self) -> Iterable[SmearLayer]:
         """Every routing block, in model order."""
         return (m for m in self.model.modules() if isinstance(m, SmearLayer))
+
+
+class GenerateInSession:
+    """The base model's ``generate``, run in one routing session per call (set on the model instance by the tuner,
+    removed by ``unload``)."""
+
+    def __init__(self, tuner: SmearModel, generate: Any) -> None:
+        self.tuner = tuner
+        self.generate = generate
+        functools.update_wrapper(self, generate)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.tuner.generate_in_session(self.generate, args, kwargs)
+
+
+def _first_floating_tensor(model: nn.Module) -> Optional[torch.Tensor]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
 
 
 def _stacks(model: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
@@ -381,11 +453,3 @@ def _stack_names(model: nn.Module) -> dict[str, Optional[str]]:
         "encoder": names.get(id(encoder)) if encoder is not None else None,
         "decoder": names.get(id(decoder)) if decoder is not None else None,
     }
-
-
-def _first_layer(stack: nn.Module) -> Optional[nn.Module]:
-    """First block of a stack's first layer list (``block`` in T5, ``layers`` in BART)."""
-    for child in stack.children():
-        if isinstance(child, nn.ModuleList) and len(child):
-            return child[0]
-    return None

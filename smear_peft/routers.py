@@ -46,9 +46,11 @@ class Router(nn.Module):
         per_expert = F.layer_norm(self.weight.T, self.weight.shape[:1], self.weight_norm_weight, self.weight_norm_bias, self.eps)
         return per_expert.T
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Routing logits ``[batch, num_experts]`` for a pooled input ``[batch, hidden_size]``."""
-        return self.normalized_input(pooled) @ self.expert_vectors()
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing logits ``[batch, num_experts]`` for a pooled input ``[batch, hidden_size]``, and the normalised
+        input (what the REINFORCE baseline reads). Parameters are read only here (FSDP / ZeRO-3 safe)."""
+        normalized = self.normalized_input(pooled)
+        return normalized @ self.expert_vectors(), normalized
 
 
 class ReinforceBaseline(nn.Module):

@@ -92,8 +92,15 @@ class RoutingMethod:
     """Base class of routing methods. One instance per adapter, shared by all of its blocks."""
 
     name: ClassVar[str]
+    # -- capabilities: what the blocks and the tuner provide to the method (no code checks routing names) ------------
     #: The block has a router whose logits are passed in `RoutingInputs.logits`.
     uses_router: ClassVar[bool] = True
+    #: `RoutingInputs.tags` must hold each example's tag (``routing_tags``).
+    needs_tags: ClassVar[bool] = False
+    #: `RoutingInputs.keys` must hold each example's key (``routing_keys``, else a content hash of the inputs).
+    needs_keys: ClassVar[bool] = False
+    #: The block keeps a learned baseline and records REINFORCE terms (`SmearModel.reinforce_loss`).
+    has_baseline: ClassVar[bool] = False
 
     def __init__(self, config: "SmearConfig"):
         self.config = config
@@ -101,6 +108,18 @@ class RoutingMethod:
     def num_expert_slots(self) -> int:
         """Number of experts a block allocates."""
         return self.config.num_experts
+
+    def bottleneck_multiplier(self) -> int:
+        """Factor on the configured bottleneck size (``monolithic`` "1x params": N)."""
+        return 1
+
+    def initial_temperature(self) -> Optional[float]:
+        """Initial value of a temperature the tuner keeps (and saves) for this adapter; ``None``: no temperature."""
+        return None
+
+    def temperature_at(self, step: int) -> Optional[float]:
+        """The temperature at a training step (`SmearModel.set_training_step`); ``None``: no schedule."""
+        return None
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         raise NotImplementedError
@@ -193,6 +212,13 @@ class StraightThroughGumbelRouting(RoutingMethod):
         self._buffers: dict = {"tau": torch.tensor([config.gumbel_temperature])}
         self._key = "tau"
 
+    def initial_temperature(self) -> Optional[float]:
+        return self.config.gumbel_temperature
+
+    def temperature_at(self, step: int) -> Optional[float]:
+        c = self.config
+        return gumbel_temperature_at(step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every)
+
     def bind_temperature(self, buffers, key: str) -> None:
         """Read the temperature from ``buffers[key]`` (the tuner's `BufferDict`)."""
         self._buffers, self._key = buffers, key
@@ -232,6 +258,7 @@ class ReinforceRouting(RoutingMethod):
     loss; `SmearModel.reinforce_loss` trains it with a policy-gradient term against a learned baseline."""
 
     name = "reinforce"
+    has_baseline = True
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         logits = inputs.logits.float()
@@ -254,6 +281,7 @@ class TagRouting(RoutingMethod):
 
     name = "tag"
     uses_router = False
+    needs_tags = True
 
     def __init__(self, config: "SmearConfig"):
         super().__init__(config)
@@ -264,6 +292,12 @@ class TagRouting(RoutingMethod):
             raise ValueError(
                 "routing='tag' needs per-example tags: call the model with routing_tags=[...] (one int or tag name "
                 "per example)."
+            )
+        num_tags = self.config.resolved_num_tags
+        if inputs.tags.numel() and (int(inputs.tags.min()) < 0 or int(inputs.tags.max()) >= num_tags):
+            raise ValueError(
+                f"routing_tags must be in [0, {num_tags}) for this adapter, got {inputs.tags.tolist()}; set "
+                "SmearConfig(num_tags=...) or tag_names to cover every tag."
             )
         table = self._tables[inputs.side]
         if table.device != inputs.device:  # move once, not on every block call
@@ -281,6 +315,7 @@ class HashRouting(RoutingMethod):
 
     name = "hash"
     uses_router = False
+    needs_keys = True
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         if inputs.keys is None:
@@ -298,6 +333,9 @@ class MonolithicRouting(RoutingMethod):
 
     def num_expert_slots(self) -> int:
         return 1
+
+    def bottleneck_multiplier(self) -> int:
+        return self.config.num_experts if self.config.monolithic_params == "params" else 1
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         return RoutingDecision("shared", batch_size=inputs.batch_size)

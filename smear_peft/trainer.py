@@ -28,6 +28,8 @@ from .losses import (
     per_example_causal_lm_loss,
     per_example_classification_loss,
     per_example_seq2seq_loss,
+    has_reinforce_terms,
+    reinforce_loss,
     unwrap_smear_model,
 )
 
@@ -86,8 +88,8 @@ class SmearTrainerMixin:
                 "to return a [batch] tensor of per-example losses."
             )
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if any(self.smear_model.routing_context.reinforce_terms.values()):
-            auxiliary = self.smear_model.reinforce_loss(self.smear_example_losses(outputs, labels))
+        if has_reinforce_terms(outputs):
+            auxiliary = reinforce_loss(outputs, self.smear_example_losses(outputs, labels))
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 # The task loss is already normalised over the accumulated batch; the auxiliary loss is a per-batch
                 # mean, which the Trainer would otherwise divide by the number of accumulation steps.
@@ -102,7 +104,7 @@ class SmearTrainerMixin:
 
     def _uses_reinforce(self) -> bool:
         smear = self.smear_model
-        return any(smear.peft_config[a].routing == "reinforce" for a in smear.active_adapters if a in smear.peft_config)
+        return any(method.has_baseline for method in smear._active_methods())
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -47,7 +47,7 @@ def test_recorder_stores_probabilities_choices_and_tags_per_block(t5_batch):
     handle.remove()
     # the recorded probabilities are the router's: softmax(router(masked mean of the sublayer output))
     mask = t5_batch["attention_mask"].float()[:, :, None]
-    expected = [F.softmax(block.smear_router["default"]((y * mask).sum(1) / mask.sum(1)), -1) for y in seen]
+    expected = [F.softmax(block.smear_router["default"]((y * mask).sum(1) / mask.sum(1))[0], -1) for y in seen]
     torch.testing.assert_close(recorder.probs(block.block_name), torch.cat(expected))
     assert recorder.records[block.block_name].side == "encoder"
     assert recorder.records["decoder.block.0.layer.1.EncDecAttention"].side == "decoder"
@@ -112,18 +112,25 @@ def test_discrete_and_monolithic_methods_record_what_they_used(t5_batch):
 
 def test_recorder_is_off_outside_its_block_and_nests(t5_batch, monkeypatch):
     model = build()
-    context = model.base_model.routing_context
-    assert context.recorder is None
+    frames = model.base_model.frames
+
+    def current_recorder():
+        frame = frames.current()
+        return None if frame is None else frame.recorder
+
+    assert current_recorder() is None
     outer, inner = RoutingRecorder(model), RoutingRecorder(model)
     with outer:
+        assert current_recorder() is outer
         with inner, torch.no_grad():
+            assert current_recorder() is inner
             model(**t5_batch)
-        assert context.recorder is outer
+        assert current_recorder() is outer
         with pytest.raises(RuntimeError), torch.no_grad():
             with RoutingRecorder(model):
                 raise RuntimeError("boom")
-        assert context.recorder is outer
-    assert context.recorder is None
+        assert current_recorder() is outer
+    assert current_recorder() is None and frames.current() is None
     assert outer.block_names == [] and len(inner.block_names) == 10
 
     def fail(*args, **kwargs):

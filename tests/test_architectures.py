@@ -167,7 +167,7 @@ def test_resnet_block_is_the_authors_conv_block():
         residual_sum = basic.layer(stage_input) + basic.shortcut(stage_input)
         norm = block.smear_input_norm["default"]
         tokens = norm(residual_sum.flatten(2).transpose(1, 2).reshape(-1, 16)).view(2, 9, 16)
-        probs = block.smear_router["default"](tokens.mean(1)).softmax(-1)
+        probs = block.smear_router["default"](tokens.mean(1))[0].softmax(-1)
         experts = block.smear_experts["default"]
         down = torch.einsum("bn,ncr->bcr", probs, experts.down_weight)
         up = torch.einsum("bn,nrc->brc", probs, experts.up_weight)
@@ -201,7 +201,10 @@ def test_register_preset_adds_an_architecture(monkeypatch):
     ))
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16)
-    model = get_peft_model(transformers.GPT2LMHeadModel(config), SmearConfig(num_experts=2, reduction_factor=4))
+    model = get_peft_model(
+        transformers.GPT2LMHeadModel(config),
+        SmearConfig(num_experts=2, reduction_factor=4, causal_routing="segment", segment_length=2),
+    )
     assert [layer.block_name for layer in blocks(model)] == [
         "transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.1.attn", "transformer.h.1.mlp"]
     assert model.peft_config["default"].modules_to_save == ["ln_1", "ln_2", "ln_f"]

@@ -1,10 +1,11 @@
 """The decode-time cache: within one `generate` call, decoder routing blocks route and merge (or gather) once.
 
 Decoder routing depends only on the encoder's output, so `SmearModel.generate` keeps each decoder block's routing
-decision and merged / gathered expert for the whole call (`RoutingContext.decode_cache`). These tests check that it
-changes no output (greedy and beam search; SMEAR, top-k and tag routing), that it is invalidated for new inputs, and
-that the merge runs once per decoder block per call. Generation without the cache runs the base model's own
-``generate`` inside ``routing_inputs``, as ``benchmarks/speed.py`` does.
+decision and merged / gathered expert for the whole call (``GenerationSession.blocks``, one session per ``generate``
+call). These tests check that it changes no output (greedy and beam search; SMEAR, top-k and tag routing), that it is
+invalidated for new inputs, and that the merge runs once per decoder block per call. Generation without the cache runs
+the same ``generate`` with a session whose ``blocks`` never keep anything, so every decoding step routes and merges
+again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from peft import get_peft_model
 
 from smear_peft import SmearConfig
 from smear_peft.experts import Experts
+from smear_peft.frames import GenerationSession
 
 from .conftest import tiny_t5
 
@@ -41,9 +43,25 @@ def generate_with_cache(model, **kwargs):
     return model.generate(**kwargs)
 
 
-def generate_without_cache(model, routing_tags=None, **kwargs):
-    with model.base_model.routing_inputs(routing_tags):
-        return model.base_model.model.generate(**kwargs)
+class ForgetfulBlocks(dict):
+    """A session's ``blocks`` that never keep an entry: every decoding step routes (and merges) again."""
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __contains__(self, key):
+        return False
+
+
+class UncachedSession(GenerationSession):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks = ForgetfulBlocks()
+
+
+def generate_without_cache(model, **kwargs):
+    with mock.patch("smear_peft.model.GenerationSession", UncachedSession):
+        return model.generate(**kwargs)
 
 
 def inputs_of(batch, rows=slice(None)):
@@ -64,7 +82,7 @@ def test_outputs_are_the_same_with_and_without_the_cache(t5_batch, routing, deco
     with torch.no_grad():
         cached = generate_with_cache(model, **kwargs, **routing_kwargs(routing))
         uncached = generate_without_cache(model, **kwargs, **routing_kwargs(routing))
-    assert model.base_model.routing_context.decode_cache is None  # the cache lives for one generate call only
+    assert model.base_model.frames.current() is None  # the cache lives for one generate call only
     assert torch.equal(cached.sequences, uncached.sequences)
     for with_cache, without_cache in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(with_cache, without_cache, rtol=1e-5, atol=1e-5)
@@ -81,16 +99,17 @@ def test_cache_is_invalidated_for_new_inputs(t5_batch, routing):
         fresh_second = routed_t5(routing).generate(**second, **options, **second_tags)
         model.generate(**first, **options, **first_tags)
         after_first = model.generate(**second, **options, **second_tags)
-        # inside one call too: the cache never outlives the encoder states it was computed from
-        model.base_model.routing_context.decode_cache = {}
-        try:
+        # inside one session too: the cache never outlives the encoder states it was computed from
+        session = GenerationSession()
+        with model.base_model.frames.scope(session=session):
             with model.base_model.routing_inputs(first_tags.get("routing_tags")):
                 model.base_model.model.generate(**first, max_new_tokens=3)
+            first_entries = dict(session.blocks)
             with model.base_model.routing_inputs(second_tags.get("routing_tags")):
                 in_same_cache = model.base_model.model.generate(**second, **options)
-        finally:
-            model.base_model.routing_context.decode_cache = None
-            model.base_model.routing_context._decoder_source = None
+        assert len(first_entries) == 6  # every decoder block kept its routing for the first inputs
+        assert len(session.blocks) == 6 and all(session.blocks[k] is not first_entries[k] for k in first_entries)
+    assert model.base_model.frames.current() is None
     for result in (after_first, in_same_cache):
         assert torch.equal(result.sequences, fresh_second.sequences)
         for got, expected in zip(result.scores, fresh_second.scores):

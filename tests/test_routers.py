@@ -20,7 +20,7 @@ def test_router_logits_are_layernormed_input_times_standardised_expert_vectors()
     pooled = torch.randn(3, 16)
     v = standardise(pooled) * router.input_norm_weight + router.input_norm_bias
     w = standardise(router.weight.T) * router.weight_norm_weight + router.weight_norm_bias  # [N, C], shared gain
-    torch.testing.assert_close(router(pooled), v @ w.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(router(pooled)[0], v @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_router_has_no_bias_and_leaf_parameters_only():

@@ -18,6 +18,8 @@ from peft import PeftModel, get_peft_model
 from smear_peft import ROUTING_METHODS, SmearConfig, SmearLayer
 from smear_peft.analysis import RoutingRecorder
 from smear_peft.experts import Experts
+from smear_peft.frames import RoutingFrame
+from smear_peft.losses import has_reinforce_terms, reinforce_loss
 from smear_peft.routing import RoutingInputs, content_keys, gumbel_temperature_at, hash_experts
 
 from .conftest import tiny_t5
@@ -56,9 +58,9 @@ def expert_output(experts: Experts, n: int, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x @ experts.down_weight[n] + experts.down_bias[n]) @ experts.up_weight[n]
 
 
-def first_block(model, routing_context_mask=None):
-    """Encoder block 0, ready to be called on hidden states directly (no attention mask: plain mean pooling)."""
-    smear(model).routing_context.input_mask = routing_context_mask
+def first_block(model):
+    """Encoder block 0, ready to be called on hidden states directly (``apply_block`` without a frame: no attention
+    mask, so plain mean pooling)."""
     return layers(model)[0]
 
 
@@ -73,6 +75,7 @@ def test_training_step_and_gradients_reach_exactly_what_they_should(routing, t5_
     with RoutingRecorder(model) as recorder:
         out = model(**t5_batch, routing_tags=tags)
     assert torch.isfinite(out.loss)
+    assert has_reinforce_terms(out) == (routing == "reinforce")
     out.loss.backward(retain_graph=routing == "reinforce")
 
     blocks = layers(model)
@@ -101,13 +104,14 @@ def test_training_step_and_gradients_reach_exactly_what_they_should(routing, t5_
     assert model.base_model.model.shared.weight.grad is None
 
     if routing == "reinforce":
-        aux = smear(model).reinforce_loss(torch.tensor([3.0, 1.0, 2.0]))
+        aux = smear(model).reinforce_loss(torch.tensor([3.0, 1.0, 2.0]), out)
         aux.backward()
         for block in blocks:
             assert block.smear_router["default"].weight.grad.abs().sum() > 0
             assert all(p.grad is not None and p.grad.any() for p in block.smear_baseline["default"].parameters())
     else:
-        assert smear(model).reinforce_loss(torch.ones(3)).item() == 0.0
+        assert smear(model).reinforce_loss(torch.ones(3), out).item() == 0.0
+        assert reinforce_loss(out, torch.ones(3)).item() == 0.0
 
 
 @pytest.mark.parametrize("routing", METHODS)
@@ -136,7 +140,7 @@ def block_reference(block, y, weights_per_expert):
 
 
 def router_probs(block, y):
-    return F.softmax(block.smear_router["default"](y.mean(1)), dim=-1)
+    return F.softmax(block.smear_router["default"](y.mean(1))[0], dim=-1)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -216,14 +220,12 @@ def test_tag_and_hash_blocks_apply_exactly_the_selected_expert():
     for routing in ("tag", "hash"):
         model = build(routing, init_weights=False).eval()
         block = first_block(model)
-        context = smear(model).routing_context
         y = torch.randn(4, 5, 32)
-        context.tags, context.keys = torch.tensor([3, 0, 2, 1]), torch.tensor([7, 8, 9, 10])
+        frame = RoutingFrame(kind="forward", tags=torch.tensor([3, 0, 2, 1]), keys=torch.tensor([7, 8, 9, 10]))
         expected = torch.tensor([3, 0, 2, 1]) if routing == "tag" else torch.from_numpy(
             hash_experts(np.array([7, 8, 9, 10]), block.block_index, 0, 4))
-        out = block.apply_block("default", y)
+        out = block.apply_block("default", y, frame)
         torch.testing.assert_close(out, block_reference(block, y, F.one_hot(expected, 4).float()), rtol=1e-5, atol=1e-5)
-        context.tags = context.keys = None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -355,12 +357,15 @@ def test_reinforce_loss_is_the_authors_policy_entropy_and_huber_value_terms(t5_b
     assert (config.reinforce_policy_weight, config.reinforce_entropy_weight, config.reinforce_value_weight) == (1e-2, 5e-4, 1e-2)
     model = build("reinforce", init_weights=False).train()
     with RoutingRecorder(model) as recorder:
-        model(**t5_batch)
+        out = model(**t5_batch)
     losses = torch.tensor([3.0, 0.2, 2.0])
-    aux = smear(model).reinforce_loss(losses)
+    aux = smear(model).reinforce_loss(losses, out)
+    torch.testing.assert_close(reinforce_loss(out, losses), aux)  # the module function, for custom loops
 
-    terms = smear(model).routing_context.reinforce_terms["default"]
-    log_prob, entropy, baseline = (torch.stack(t) for t in zip(*terms))
+    config, terms = out.smear_reinforce_terms["default"]  # the terms travel on the forward's output
+    assert config.routing == "reinforce" and len(terms) == 10  # one entry per block
+    assert all(len(t) == 4 and t[3] is None for t in terms)  # (log_prob, entropy, baseline, example): units are examples
+    log_prob, entropy, baseline = (torch.stack(t) for t in list(zip(*terms))[:3])
     assert log_prob.shape == (10, 3)  # one row per block
     for i, name in enumerate(recorder.block_names):  # consistent with what the blocks did
         probs, chosen = recorder.probs(name), recorder.chosen(name)
@@ -382,7 +387,7 @@ def test_reinforce_loss_is_the_authors_policy_entropy_and_huber_value_terms(t5_b
 def test_reinforce_value_term_trains_only_the_baseline_on_the_detached_router_input(t5_batch):
     model = build("reinforce", reinforce_policy_weight=0.0, reinforce_entropy_weight=0.0).train()
     out = model(**t5_batch)
-    smear(model).reinforce_loss(torch.tensor([3.0, 1.0, 2.0])).backward()
+    smear(model).reinforce_loss(torch.tensor([3.0, 1.0, 2.0]), out).backward()
     for block in layers(model):
         assert block.smear_router["default"].weight.grad is None or not block.smear_router["default"].weight.grad.any()
         assert block.smear_baseline["default"].weight1.grad.any()
@@ -392,15 +397,18 @@ def test_reinforce_value_term_trains_only_the_baseline_on_the_detached_router_in
 
 def test_reinforce_loss_errors_clearly_without_the_task_loss(t5_batch):
     model = build("reinforce").train()
-    model(**t5_batch)
+    out = model(**t5_batch)
     with pytest.raises(ValueError, match="per-example task loss"):
-        smear(model).reinforce_loss(None)
+        smear(model).reinforce_loss(None, out)
     with pytest.raises(ValueError, match="2 example losses for a batch of 3"):
-        smear(model).reinforce_loss(torch.ones(2))
+        smear(model).reinforce_loss(torch.ones(2), out)
+    with pytest.raises(TypeError, match="pass the model's output"):
+        reinforce_loss(model, torch.ones(3))
     model.eval()
     with torch.no_grad():
-        model(**t5_batch)
-    assert smear(model).reinforce_loss(None).item() == 0.0  # nothing to train in evaluation
+        evaluation = model(**t5_batch)
+    assert not has_reinforce_terms(evaluation)
+    assert smear(model).reinforce_loss(None, evaluation).item() == 0.0  # nothing to train in evaluation
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -446,11 +454,17 @@ def test_tag_routing_errors_on_missing_unknown_or_out_of_range_tags(t5_batch):
     with pytest.raises(ValueError, match="Unknown routing tag 'cola'"):
         model(**t5_batch, routing_tags=["mnli", "cola", "rte"])
     with pytest.raises(ValueError, match="3 routing_tags for a batch of"):
-        smear(model)._set_routing_inputs([0, 1, 2], None)
-        try:
-            smear(model).routing_context.tags_for(4)
-        finally:
-            smear(model)._set_routing_inputs(None, None)
+        RoutingFrame(kind="forward", tags=torch.tensor([0, 1, 2])).tags_for(4)
+    # tags must match the batch exactly in forward (only generate repeats them for beams)
+    with pytest.raises(ValueError, match="2 routing_tags for a batch of 3"):
+        model(**t5_batch, routing_tags=[0, 1])
+    with pytest.raises(ValueError, match="routing_tags for a batch of 3"):
+        with smear(model).routing_inputs(routing_tags=[0, 1, 2, 3]):
+            model(**t5_batch)
+    for bad in ([0.0, 1.0, 2.0], [True, False, True], [[0], [1], [2]], torch.tensor([0.0, 1.0, 2.0])):
+        with pytest.raises(ValueError, match="routing_tags"):
+            model(**t5_batch, routing_tags=bad)
+    assert smear(model).frames.current() is None  # a failed call leaves no routing state behind
 
 
 def test_tag_routing_under_beam_search_routes_every_beam_by_its_examples_tag():

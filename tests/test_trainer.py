@@ -11,10 +11,12 @@ from smear_peft import SmearConfig
 from smear_peft.losses import (
     per_example_causal_lm_loss,
     per_example_classification_loss,
+    has_reinforce_terms,
     per_example_seq2seq_loss,
     reinforce_loss,
     unwrap_smear_model,
 )
+from smear_peft import trainer as smear_trainer
 from smear_peft.routing import gumbel_temperature_at
 from smear_peft.trainer import RoutingColumnsCollator, SmearSeq2SeqTrainer, SmearTrainer
 
@@ -118,16 +120,16 @@ def make_trainer(model, tmp_path, cls=SmearSeq2SeqTrainer, data=None, **args):
 def test_trainer_adds_the_reinforce_loss_from_per_example_losses(tmp_path, monkeypatch):
     model = peft_t5("reinforce")
     trainer = make_trainer(model, tmp_path, label_smoothing_factor=0.1)
-    smear = unwrap_smear_model(model)
     calls = []
-    original = type(smear).reinforce_loss
+    original = smear_trainer.reinforce_loss
 
-    def spy(self, example_losses):
-        value = original(self, example_losses)
+    def spy(outputs, example_losses):
+        assert has_reinforce_terms(outputs)  # the terms travel on the forward's output
+        value = original(outputs, example_losses)
         calls.append((example_losses.detach().clone(), value.detach()))
         return value
 
-    monkeypatch.setattr(type(smear), "reinforce_loss", spy)
+    monkeypatch.setattr(smear_trainer, "reinforce_loss", spy)
     router = next(p for n, p in model.named_parameters() if "smear_router" in n and n.endswith(".weight"))
     baseline = next(p for n, p in model.named_parameters() if "smear_baseline" in n and "weight1" in n)
     router0, baseline0 = router.detach().clone(), baseline.detach().clone()
@@ -194,11 +196,12 @@ def test_plain_accelerate_loop_needs_one_line_for_reinforce():
     model.train()
     for _ in range(2):
         out = model(**batch)
-        loss = out.loss + reinforce_loss(model, per_example_seq2seq_loss(out.logits, batch["labels"]))  # the line
+        loss = out.loss + reinforce_loss(out, per_example_seq2seq_loss(out.logits, batch["labels"]))  # the line
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
     assert not torch.equal(router, before)
     with pytest.raises(ValueError, match="per-example task loss"):
-        model(**batch)
-        reinforce_loss(model, None)
+        reinforce_loss(model(**batch), None)
+    with pytest.raises(TypeError, match="pass the model's output"):
+        reinforce_loss(model, per_example_seq2seq_loss(out.logits, batch["labels"]))

@@ -1,0 +1,266 @@
+"""Hooks that open and fill routing frames (see `smear_peft.frames`); model code is never edited.
+
+* On the model: a call opens a forward frame with its per-call inputs (tags, keys, routing mask, attention mask,
+  causal prompt, KV-cache length) and closes it when it returns; REINFORCE terms go onto the output.
+* On the encoder and decoder stacks of encoder-decoder models: the encoder's attention mask, and the pooled encoder
+  output that every decoder block routes on (with the gradient relay into the encoder). Called on their own (as
+  ``generate`` calls the encoder), a stack opens a frame of its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from .frames import GenerationSession, RelayRoutingGradient, RoutingFrame, pool
+from .routing import content_keys
+
+if TYPE_CHECKING:
+    from .model import SmearModel
+
+#: Per-call keyword arguments consumed by smear-peft (never passed on to the base model).
+ROUTING_KWARGS = ("routing_tags", "routing_keys", "routing_mask")
+#: Keyword arguments whose first dimension is the batch, in order of preference.
+MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "x")
+
+_SIGNATURES: dict = {}
+
+
+def named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by parameter name (positional ones bound to the forward signature)."""
+    if not args:
+        return kwargs
+    forward = type(module).forward
+    signature = _SIGNATURES.get(forward)
+    if signature is None:
+        signature = _SIGNATURES[forward] = inspect.signature(forward)
+    try:
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
+    except TypeError:
+        return kwargs
+    named = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    named.setdefault("__args__", args)
+    return named
+
+
+def batch_size_of(named: dict) -> Optional[int]:
+    for name in MAIN_INPUTS:
+        value = named.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    for value in named.get("__args__", ()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def past_length_of(named: dict) -> int:
+    """Positions already in the KV cache of this call."""
+    cache = named.get("past_key_values", named.get("cache"))
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])
+    position = named.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    return 0
+
+
+def two_d_mask(value: Any) -> Optional[torch.Tensor]:
+    return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+
+def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The prompt mask ``[B, S]`` of a causal LM call (or ``None`` and why not).
+
+    In ``generate``: the prompt of the first forward (its real tokens, or the ``routing_mask`` given to generate);
+    later forwards reuse what the blocks computed then. Otherwise an explicit ``routing_mask``, else the real positions
+    before the first one whose label is not -100 (the prompt of instruction tuning)."""
+    input_ids = named.get("input_ids", named.get("inputs_embeds"))
+    if frame.input_mask is not None:
+        real = frame.input_mask.bool()
+    elif isinstance(input_ids, torch.Tensor):
+        real = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
+    else:
+        return None, None
+    session = frame.session
+    if session is not None and session.forwards > 1:
+        return None, "the routing of this generate() call was lost; start a new generate() call."
+    if frame.past_length:
+        return None, (
+            "causal_routing='prompt' continued from a KV cache outside the first step of generate(): the prompt is "
+            "not known here. Use generate(), or run the whole sequence (with labels or routing_mask) without "
+            "past_key_values."
+        )
+    routing_mask = frame.routing_mask
+    if routing_mask is not None:
+        if routing_mask.shape != real.shape:
+            raise ValueError(
+                f"routing_mask has shape {tuple(routing_mask.shape)}, but the inputs have {tuple(real.shape)} "
+                "(batch, positions): mark the prompt positions of each input position."
+            )
+        prompt = real & routing_mask.to(real.device).bool()
+        later = (real & ~prompt).long().cumsum(1) > 0
+        if (later & prompt).any():
+            raise ValueError(
+                "routing_mask must mark a prefix of each example's tokens: a routed position after a non-routed one "
+                "would let earlier tokens depend on later ones. Mark only the prompt that precedes the response."
+            )
+    elif session is not None:
+        prompt = real
+    else:
+        labels = named.get("labels")
+        if not (isinstance(labels, torch.Tensor) and labels.shape == real.shape):
+            return None, None
+        supervised = (labels.to(real.device) != -100) & real
+        prompt = real & (supervised.long().cumsum(1) == 0)
+    empty = real.any(1) & ~prompt.any(1)
+    if empty.any():
+        raise ValueError(
+            f"Examples {empty.nonzero().squeeze(-1).tolist()} have no prompt to route on (their first real token is "
+            "supervised, or the routing_mask marks none). Mark the prompt with labels=-100 or routing_mask=[B, S], or "
+            "use SmearConfig(causal_routing='segment'), which needs no prompt."
+        )
+    return prompt, None
+
+
+class FrameHooks:
+    """The hooks of one `SmearModel` (installed by it, removed by ``unload``)."""
+
+    def __init__(self, tuner: "SmearModel") -> None:
+        self.tuner = tuner
+
+    @property
+    def frames(self):
+        return self.tuner.frames
+
+    def install(self, model: nn.Module, encoder: Optional[nn.Module], decoder: Optional[nn.Module]) -> list:
+        handles = [
+            model.register_forward_pre_hook(self.on_model_start, with_kwargs=True),
+            model.register_forward_hook(self.on_end, with_kwargs=True, always_call=True),
+        ]
+        for stack, start in ((encoder, self.on_encoder_start), (decoder, self.on_decoder_start)):
+            if stack is not None:
+                handles.append(stack.register_forward_pre_hook(start, with_kwargs=True))
+                handles.append(stack.register_forward_hook(self.on_end, with_kwargs=True, always_call=True))
+        return handles
+
+    # -- frames ----------------------------------------------------------------------------------------------------
+    def _open(self, module: nn.Module, **options: Any) -> RoutingFrame:
+        parent = self.frames.current()
+        frame = parent.child("forward", **options) if parent is not None else RoutingFrame(kind="forward", **{
+            k: v for k, v in options.items() if v is not None
+        })
+        frame.owner = module
+        frame.grad_enabled = torch.is_grad_enabled()
+        frame._token = self.frames.enter(frame)
+        self.tuner.carry_frames_into_checkpoints()
+        return frame
+
+    def _joinable(self) -> Optional[RoutingFrame]:
+        frame = self.frames.current()
+        return frame if frame is not None and frame.kind == "forward" and not frame.closed else None
+
+    def on_end(self, module, args, kwargs, output):
+        frame = self.frames.current()
+        if frame is None or frame.owner is not module:
+            return None
+        frame.closed = True
+        self.frames.leave(frame._token)
+        if frame.reinforce_terms:
+            if isinstance(output, tuple) and not hasattr(output, "keys"):
+                raise ValueError(
+                    "REINFORCE routing returns its auxiliary terms on the model output, which a plain tuple cannot "
+                    "carry: call the model with return_dict=True."
+                )
+            object.__setattr__(output, "smear_reinforce_terms", frame.reinforce_terms)
+        return None
+
+    # -- the model -------------------------------------------------------------------------------------------------
+    def on_model_start(self, module, args, kwargs):
+        tuner = self.tuner
+        routing = {name: kwargs.pop(name) for name in ROUTING_KWARGS if name in kwargs}
+        named = named_inputs(module, args, kwargs)
+        batch = batch_size_of(named)
+        tags = tuner.index_tensor(routing.get("routing_tags"), "routing_tags", batch)
+        keys = tuner.index_tensor(routing.get("routing_keys"), "routing_keys", batch)
+        routing_mask = routing.get("routing_mask")
+        if routing_mask is not None:
+            routing_mask = torch.as_tensor(routing_mask).bool()
+        frame = self._open(module, tags=tags, keys=keys, routing_mask=routing_mask)
+        frame.batch_size = batch
+        frame.input_mask = two_d_mask(named.get("attention_mask"))
+        frame.past_length = past_length_of(named)
+        session = frame.session
+        if session is not None:
+            session.forwards += 1
+        if frame.keys is None and tuner.needs_keys():
+            frame.content_keys = self._content_keys(named, frame.input_mask)
+        if tuner.has_causal_blocks:
+            frame.prompt_mask, frame.prompt_error = causal_prompt(frame, named)
+        return args, kwargs
+
+    def _content_keys(self, named: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        for name in MAIN_INPUTS:
+            value = named.get(name)
+            if isinstance(value, torch.Tensor):
+                return content_keys(value, mask if name == "input_ids" else None)
+        return None
+
+    # -- encoder-decoder stacks ------------------------------------------------------------------------------------
+    def on_encoder_start(self, module, args, kwargs):
+        named = named_inputs(module, args, kwargs)
+        frame = self._joinable() or self._open(module)
+        mask = two_d_mask(named.get("attention_mask"))
+        if mask is not None or frame.owner is module:
+            frame.input_mask = mask
+        if frame.keys is None and self.tuner.needs_keys():
+            frame.content_keys = self._content_keys(named, mask)
+            if frame.session is not None:
+                frame.session.content_keys = frame.content_keys
+        return args, kwargs
+
+    def on_decoder_start(self, module, args, kwargs):
+        named = named_inputs(module, args, kwargs)
+        frame = self._joinable() or self._open(module)
+        states = named.get("encoder_hidden_states")
+        if not isinstance(states, torch.Tensor):
+            return args, kwargs
+        mask = two_d_mask(named.get("encoder_attention_mask"))
+        session = frame.session
+        if session is not None and session.encoder_states is states:
+            frame.decoder_sources = session.decoder_sources
+            return args, kwargs
+        leaves, sources = [], []
+        pooled_by_mode = {}
+        for mode in self.tuner.pooling_modes():
+            pooled = pool(states, mask, mode)
+            if torch.is_grad_enabled() and pooled.requires_grad:
+                leaf = pooled.detach().requires_grad_(True)
+                leaves.append(leaf)
+                sources.append(pooled)
+                pooled = leaf
+            pooled_by_mode[mode] = pooled
+        frame.decoder_sources = pooled_by_mode
+        if session is not None:
+            session.encoder_states, session.decoder_sources = states, pooled_by_mode
+            session.blocks.clear()
+        if leaves:
+            relayed = RelayRoutingGradient.apply(states, leaves, *sources)
+            if "encoder_hidden_states" in kwargs:
+                kwargs["encoder_hidden_states"] = relayed
+            else:
+                position = list(inspect.signature(type(module).forward).parameters).index("encoder_hidden_states") - 1
+                args = (*args[:position], relayed, *args[position + 1:])
+        return args, kwargs
