@@ -52,7 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smear_peft  # noqa: E402,F401  (registers the SMEAR PEFT method)
 from peft import get_peft_model  # noqa: E402
 from smear_peft import SmearConfig  # noqa: E402
-from smear_peft.losses import per_example_classification_loss, per_example_seq2seq_loss, reinforce_loss  # noqa: E402
+from smear_peft.losses import (  # noqa: E402
+    has_reinforce_terms,
+    per_example_classification_loss,
+    per_example_seq2seq_loss,
+    reinforce_loss,
+)
 
 import text_tasks  # noqa: E402
 
@@ -319,13 +324,12 @@ def _forward_loss(model, settings: Settings, batch: dict[str, torch.Tensor], key
     inputs = {k: v for k, v in batch.items() if k != "routing_tags"}
     out = model(**inputs, routing_tags=tags, routing_keys=keys)
     loss = out.loss
-    smear_model = model.base_model
-    if any(smear_model.routing_context.reinforce_terms.values()):
+    if has_reinforce_terms(out):
         if settings.benchmark == "digits":
             per_example = per_example_classification_loss(out.logits, batch["labels"])
         else:
             per_example = per_example_seq2seq_loss(out.logits, batch["labels"])
-        loss = loss + reinforce_loss(model, per_example)
+        loss = loss + reinforce_loss(out, per_example)
     return loss
 
 

@@ -272,9 +272,10 @@ def evaluate(accelerator, model, loader, domain_names):
     seconds = 0.0
     for batch in loader:
         start = time.perf_counter()
-        logits = model(
+        outputs = model(
             pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=batch["routing_keys"]
-        ).logits
+        )
+        logits = outputs.logits
         predictions = logits.argmax(-1)
         if predictions.is_cuda:
             torch.cuda.synchronize()
@@ -457,14 +458,15 @@ def main(argv=None):
         # ST-Gumbel's temperature is a function of the step (the authors' schedule), so resuming restores it too.
         temperatures = peft_model.base_model.set_training_step(state.step)
         batch = next(batches)
-        logits = model(
+        outputs = model(
             pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=batch["routing_keys"]
-        ).logits
+        )
+        logits = outputs.logits
         # Per-example cross-entropy: its mean is the task loss; REINFORCE also uses each example's loss as its
         # (negative) reward. reinforce_loss is 0 for every other routing method.
         example_losses = per_example_classification_loss(logits, batch["labels"])
         task_loss = example_losses.mean()
-        loss = task_loss + reinforce_loss(model, example_losses)
+        loss = task_loss + reinforce_loss(outputs, example_losses)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, args.grad_clip_norm)
         optimizer.step()

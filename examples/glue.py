@@ -56,7 +56,7 @@ from smear_peft.data.glue import (
 )
 from smear_peft.data.glue_synthetic import synthetic_glue
 from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
-from smear_peft.losses import per_example_seq2seq_loss
+from smear_peft.losses import per_example_seq2seq_loss, reinforce_loss
 from smear_peft.metrics import TASK_METRICS, load_glue_metric
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:  # deviation: the token mean of each micro-batch, averaged over micro-batches and processes
                     task_loss = example_losses.sum() / num_tokens / accumulation
                 # REINFORCE's policy, entropy and baseline terms (a mean over the batch; zero for other methods).
-                loss = task_loss + smear.reinforce_loss(example_losses) / accumulation
+                loss = task_loss + reinforce_loss(outputs, example_losses) / accumulation
                 accelerator.backward(loss)
             token_loss += example_losses.detach().sum()
             tokens += num_tokens

@@ -172,7 +172,10 @@ class CausalSegment(RoutingSource):
         batch, positions, channels = tokens.shape
         length = self.segment_length
         mask = frame.input_mask
-        mask = torch.ones(batch, positions, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+        if mask is None:
+            mask = torch.ones(batch, positions, dtype=torch.bool, device=tokens.device)
+        else:  # with a KV cache the attention mask also covers the cached positions: keep this call's
+            mask = mask[:, mask.shape[1] - positions :].bool()
         session, key = frame.session, (id(layer), adapter)
         state = None
         if frame.past_length:

@@ -1,0 +1,239 @@
+"""Causal LMs: prompt routing and causal segment routing keep the model causal and generation exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import get_peft_model
+
+from smear_peft import SmearConfig
+
+VOCAB = 64
+
+
+def tiny_causal(model_type: str, seed: int = 0):
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "llama": lambda: transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        ),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=64,
+        ),
+    }
+    torch.manual_seed(seed)
+    config = configs[model_type]()
+    config.pad_token_id = 0
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def smear_causal(model_type: str, routing: str = "smear", **config):
+    model = get_peft_model(tiny_causal(model_type), SmearConfig(num_experts=4, reduction_factor=4, routing=routing, **config))
+    torch.manual_seed(1)
+    with torch.no_grad():  # random adapters and routers, so that routing matters
+        for name, param in model.named_parameters():
+            if "smear_" in name:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+MODES = [dict(), dict(causal_routing="segment", segment_length=3)]
+MODE_IDS = ["prompt", "segment"]
+CAUSAL_MODELS = ["gpt2", "llama", "opt"]
+
+
+def prompt_batch(prompt_len: int = 4, total: int = 10, batch: int = 2):
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (batch, total))
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    return ids, labels
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_a_changed_later_token_never_changes_earlier_logits(model_type, mode):
+    model = smear_causal(model_type, **mode)
+    ids, labels = prompt_batch()
+    first_response = 4
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=labels).logits
+        for position in range(first_response, ids.shape[1]):  # every response token (segment mode: any token)
+            changed = ids.clone()
+            changed[:, position] = (changed[:, position] + 7) % (VOCAB - 3) + 3
+            logits = model(input_ids=changed, labels=labels).logits
+            torch.testing.assert_close(logits[:, :position], reference[:, :position], rtol=0, atol=1e-6)
+            assert (logits[:, position:] - reference[:, position:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_segment_routing_is_strictly_causal_from_the_first_token(model_type):
+    model = smear_causal(model_type, causal_routing="segment", segment_length=2)
+    ids, _ = prompt_batch(total=9)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        for position in range(1, ids.shape[1]):
+            changed = ids.clone()
+            changed[:, position] = (changed[:, position] + 5) % (VOCAB - 3) + 3
+            torch.testing.assert_close(model(input_ids=changed).logits[:, :position], reference[:, :position], rtol=0, atol=1e-6)
+
+
+def test_segments_route_on_the_previous_segment():
+    """Segment routing differs from routing every position on the prompt, and segment 0 uses the learned prior."""
+    model = smear_causal("llama", causal_routing="segment", segment_length=3)
+    ids, labels = prompt_batch(prompt_len=3, total=9)
+    prompt = smear_causal("llama")
+    with torch.no_grad():
+        segment_logits = model(input_ids=ids).logits
+        prompt_logits = prompt(input_ids=ids, labels=labels).logits
+        # the same weights: only the routing differs, from the first token on
+        assert (segment_logits[:, :3] - prompt_logits[:, :3]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_prompt_routing_generate_with_and_without_cache_equals_step_by_step_forwards(model_type, num_beams):
+    model = smear_causal(model_type)
+    ids, _ = prompt_batch(prompt_len=5, total=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached)
+        if num_beams == 1:  # greedy: each token is the argmax of a full forward routed on the prompt
+            routing_mask = torch.zeros_like(cached, dtype=torch.bool)
+            routing_mask[:, :5] = True
+            logits = model(input_ids=cached, routing_mask=routing_mask).logits
+            assert torch.equal(logits[:, 4:-1].argmax(-1), cached[:, 5:])
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_segment_routing_generate_with_and_without_cache_equals_step_by_step_forwards(model_type):
+    model = smear_causal(model_type, causal_routing="segment", segment_length=3)
+    ids, _ = prompt_batch(prompt_len=4, total=4)
+    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached)
+        logits = model(input_ids=cached).logits
+        assert torch.equal(logits[:, 3:-1].argmax(-1), cached[:, 4:])
+        beams = model.generate(input_ids=ids, num_beams=2, use_cache=False, **kwargs)
+        assert beams.shape == cached.shape
+        with pytest.raises(ValueError, match="use_cache=False"):
+            model.generate(input_ids=ids, num_beams=2, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_left_padded_generation_equals_each_example_alone(model_type, mode):
+    model = smear_causal(model_type, **mode)
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (3, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        together = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
+            assert torch.equal(together[row], alone[0, len(prompt):])
+
+
+def test_right_padded_training_batch_equals_each_example_alone():
+    model = smear_causal("llama")
+    ids, labels = prompt_batch(prompt_len=3, total=8)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels[1, 6:] = -100
+    with torch.no_grad():
+        together = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+        alone = model(input_ids=ids[1:, :6], labels=labels[1:, :6]).logits
+    torch.testing.assert_close(together[1, :6], alone[0], rtol=0, atol=1e-5)
+
+
+def test_prompt_is_the_leading_unsupervised_tokens_or_an_explicit_routing_mask():
+    model = smear_causal("gpt2")
+    ids, labels = prompt_batch(prompt_len=4)
+    routing_mask = torch.zeros_like(ids, dtype=torch.bool)
+    routing_mask[:, :4] = True
+    later_masked = labels.clone()
+    later_masked[:, 8] = -100  # a later unsupervised token (a next user turn) is not part of the routing prompt
+    with torch.no_grad():
+        by_labels = model(input_ids=ids, labels=labels).logits
+        by_mask = model(input_ids=ids, routing_mask=routing_mask).logits
+        by_later = model(input_ids=ids, labels=later_masked).logits
+    assert torch.equal(by_labels, by_mask)
+    assert torch.equal(by_labels, by_later)
+
+
+def test_calls_without_a_prompt_get_a_clear_error():
+    model = smear_causal("llama")
+    ids, labels = prompt_batch()
+    with pytest.raises(ValueError, match="routing_mask.*segment"):
+        model(input_ids=ids)
+    supervised = ids.clone()  # the first real token is supervised: no prompt
+    with pytest.raises(ValueError, match="no prompt to route on"):
+        model(input_ids=ids, labels=supervised)
+    not_prefix = torch.zeros_like(ids, dtype=torch.bool)
+    not_prefix[:, 5] = True
+    with pytest.raises(ValueError, match="prefix"):
+        model(input_ids=ids, routing_mask=not_prefix)
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :4], labels=labels[:, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="generate"):
+        model(input_ids=ids[:, 4:5], past_key_values=past)
+    assert model.base_model.frames.current() is None
+
+
+def test_segment_routing_continued_from_a_cache_outside_generate_is_an_error():
+    model = smear_causal("llama", causal_routing="segment", segment_length=2)
+    ids, _ = prompt_batch()
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="generate"):
+            model(input_ids=ids[:, 4:5], past_key_values=past)
+
+
+@pytest.mark.parametrize("routing", ["smear", "top_k", "st_gumbel", "reinforce", "tag", "hash", "monolithic", "ensemble"])
+def test_every_routing_method_trains_and_generates_on_a_causal_lm(routing):
+    model = smear_causal("llama", routing=routing, causal_routing="segment", segment_length=3)
+    ids, labels = prompt_batch()
+    tags = torch.tensor([1, 3])
+    model.train()
+    out = model(input_ids=ids, labels=labels, routing_tags=tags)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "smear_experts" in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids[:, :4], routing_tags=tags, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        uncached = model.generate(
+            input_ids=ids[:, :4], routing_tags=tags, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
+        )
+    assert torch.equal(cached, uncached)
+
+
+def test_causal_routing_on_an_encoder_decoder_is_refused():
+    from tests.conftest import tiny_t5
+
+    with pytest.raises(ValueError, match="decoder-only"):
+        get_peft_model(tiny_t5(), SmearConfig(causal_routing="prompt"))
+
+
+def test_causal_lm_presets_need_no_target_modules():
+    from smear_peft.architectures import find_preset
+
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "whisper"):
+        assert find_preset(model_type) is not None, model_type
+    model = smear_causal("opt")
+    names = [layer.block_name for layer in model.base_model.smear_layers()]
+    assert names == [f"model.decoder.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "fc2")]
+    assert model.peft_config["default"].causal_routing == "prompt"
