@@ -11,8 +11,8 @@ from .routing import ROUTING_METHODS
 
 #: Sublayers that get an expert routing block in transformer presets.
 SUBLAYERS = ("self_attention", "cross_attention", "feed_forward")
-#: Value of ``task_type`` that lets smear-peft pick the PEFT model class from the base model (see `SmearConfig`).
-AUTO_TASK_TYPE = "AUTO"
+#: ``task_type`` written by smear-peft 0.1 (which picked the PEFT model class itself); read as ``None``.
+LEGACY_AUTO_TASK_TYPE = "AUTO"
 
 
 def _fail(field_name: str, message: str) -> None:
@@ -90,8 +90,10 @@ class SmearConfig(PeftConfig):
         monolithic_params: ``compute`` gives ``monolithic`` routing one expert of the normal size ("1x compute");
             ``params`` gives one expert ``num_experts`` times wider ("1x params").
         init_weights: Initialise experts as the authors (``True``). ``False`` is only for tests of PEFT machinery.
-        task_type: PEFT task type. ``AUTO`` (default) picks ``SEQ_2_SEQ_LM`` for encoder-decoder language models and no
-            task type otherwise when `get_peft_model` is called.
+        task_type: PEFT task type, as for any PEFT method: ``None`` (default) gives a plain `PeftModel`, which serves
+            every model (forward, ``generate``, save / load); ``SEQ_2_SEQ_LM`` / ``CAUSAL_LM`` give PEFT's task classes
+            (not for Whisper, whose inputs PEFT's seq2seq class does not pass on). ``"AUTO"`` (configs saved by
+            smear-peft 0.1) is read as ``None``.
     """
 
     num_experts: int = field(default=8, metadata={"help": "Number of experts per routing block."})
@@ -139,13 +141,9 @@ class SmearConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "Authors' initialisation."})
 
     def __post_init__(self) -> None:
-        # PeftConfig only accepts real task types; resolve "AUTO" when the model is known (`registration.py`).
-        auto = self.task_type is None or self.task_type == AUTO_TASK_TYPE
-        if auto:
+        if self.task_type == LEGACY_AUTO_TASK_TYPE:
             self.task_type = None
         super().__post_init__()
-        if auto:
-            self.task_type = AUTO_TASK_TYPE
         self.peft_type = "SMEAR"
         for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names"):
             value = getattr(self, name)

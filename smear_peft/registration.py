@@ -5,9 +5,7 @@ enum. We therefore
 
 1. add a ``SMEAR`` member to `PeftType` (so configs, checkpoints and model cards carry ``"peft_type": "SMEAR"``);
 2. call `register_peft_method`, which fills PEFT's config / tuner / prefix mappings;
-3. add a ``task_type="AUTO"`` entry to PEFT's task-type mapping, so `get_peft_model` returns a
-   `PeftModelForSeq2SeqLM` for encoder-decoder language models without the user naming the task type;
-4. route `PeftModel.push_to_hub` to `smear_peft.hub.push_to_hub` for SMEAR adapters only (the inherited transformers
+3. route `PeftModel.push_to_hub` to `smear_peft.hub.push_to_hub` for SMEAR adapters only (the inherited transformers
    method replaces PEFT's model card with a generic one); other PEFT methods keep PEFT's behaviour.
 
 Every step is idempotent. Loading a SMEAR adapter needs ``import smear_peft`` first; without it PEFT raises
@@ -18,11 +16,10 @@ from __future__ import annotations
 
 from peft import PeftModel
 from peft.utils.peft_types import register_peft_method
-from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import PeftType
 
 from . import hub
-from .config import AUTO_TASK_TYPE, SmearConfig
+from .config import SmearConfig
 from .model import SmearModel
 
 PEFT_TYPE_NAME = "SMEAR"
@@ -40,17 +37,6 @@ def _add_peft_type_member(name: str) -> PeftType:
     PeftType._value2member_map_[name] = member
     PeftType._member_names_.append(name)
     return member
-
-
-def _auto_task_peft_model(model, peft_config: SmearConfig, *args, **kwargs) -> PeftModel:
-    """Resolve ``task_type="AUTO"`` from the model, then build the matching PEFT model class."""
-    config = getattr(model, "config", None)
-    is_seq2seq_lm = getattr(config, "is_encoder_decoder", False) and hasattr(model, "generate") and hasattr(
-        model, "get_output_embeddings"
-    ) and model.get_output_embeddings() is not None
-    peft_config.task_type = "SEQ_2_SEQ_LM" if is_seq2seq_lm else None
-    model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
-    return model_class(model, peft_config, *args, **kwargs)
 
 
 def _smear_aware_push_to_hub(original):
@@ -71,6 +57,5 @@ def register() -> None:
 
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=SmearConfig, model_cls=SmearModel, prefix=SmearModel.prefix)
-    MODEL_TYPE_TO_PEFT_MODEL_MAPPING.setdefault(AUTO_TASK_TYPE, _auto_task_peft_model)
     if not hasattr(PeftModel.push_to_hub, "_smear_original"):
         PeftModel.push_to_hub = _smear_aware_push_to_hub(PeftModel.push_to_hub)

@@ -79,6 +79,11 @@ class RoutingDecision:
         return None
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Routing runs in float32 for half-precision models, and in the model's precision above that (float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 ROUTING_METHODS: dict[str, type["RoutingMethod"]] = {}
 
 
@@ -128,7 +133,7 @@ class RoutingMethod:
     def router_probs(self, inputs: RoutingInputs) -> torch.Tensor:
         """The router's probabilities ``[B, N]`` after expert dropout (training only)."""
         keep = self.expert_dropout_mask(inputs, inputs.logits)
-        return self.drop_probs(F.softmax(inputs.logits.float(), dim=-1), keep)
+        return self.drop_probs(F.softmax(at_least_float32(inputs.logits), dim=-1), keep)
 
     def expert_dropout_mask(self, inputs: RoutingInputs, logits: torch.Tensor) -> Optional[torch.Tensor]:
         """Training-only keep mask ``[B, N]`` of expert dropout, or ``None`` when it does not apply."""
@@ -228,7 +233,7 @@ class StraightThroughGumbelRouting(RoutingMethod):
         return self._buffers[self._key]
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        logits = inputs.logits.float()
+        logits = at_least_float32(inputs.logits)
         if not inputs.training:
             probs = F.softmax(logits, dim=-1)
             return RoutingDecision("select", index=probs.argmax(-1), probs=probs)
@@ -261,7 +266,7 @@ class ReinforceRouting(RoutingMethod):
     has_baseline = True
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
-        logits = inputs.logits.float()
+        logits = at_least_float32(inputs.logits)
         if not inputs.training:
             probs = F.softmax(logits, dim=-1)
             return RoutingDecision("select", index=probs.argmax(-1), probs=probs)

@@ -36,10 +36,9 @@ def randomise_adapters(model, seed=7):
                 param.normal_(0, 0.5)
 
 
-def test_get_peft_model_returns_seq2seq_model_with_authors_trainable_set():
+def test_get_peft_model_with_the_authors_trainable_set():
     model = smear_t5()
-    assert isinstance(model, PeftModelForSeq2SeqLM)
-    assert model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    assert type(model) is PeftModel
     trainable, total = model.get_nb_trainable_parameters()
     # per block: router C*N + 4C, experts N (C d + d + d C), post-LN 2C; C=32, N=4, d=8; plus T5's 12 layer norms
     per_block = 32 * 4 + 4 * 32 + 4 * (32 * 8 + 8 + 8 * 32) + 2 * 32

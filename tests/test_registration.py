@@ -32,13 +32,15 @@ def test_register_is_idempotent():
     assert list(PeftType) == members
 
 
-def test_auto_task_type_is_resolved_from_the_model():
-    seq2seq = get_peft_model(tiny_t5(), SmearConfig(num_experts=2))
-    assert seq2seq.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
-    plain = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), SmearConfig(num_experts=2, target_modules=["0"]))
+def test_task_type_is_peft_s_and_configs_of_0_1_still_load():
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    assert "AUTO" not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING  # PEFT's task-type mapping is left as PEFT ships it
+    plain = get_peft_model(tiny_t5(), SmearConfig(num_experts=2))
     assert type(plain) is PeftModel and plain.peft_config["default"].task_type is None
     explicit = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, task_type="SEQ_2_SEQ_LM"))
     assert explicit.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    assert SmearConfig(task_type="AUTO").task_type is None
 
 
 def test_other_peft_methods_keep_their_push_to_hub():

@@ -1,0 +1,199 @@
+"""Routing state belongs to one call: threads, nested scopes, strict per-call inputs, checkpoint recomputation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from smear_peft import SmearConfig
+from smear_peft.losses import reinforce_loss
+
+from .conftest import tiny_t5
+
+
+def smear_t5(**config):
+    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=4, reduction_factor=4, **config))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "smear_" in name:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def batch(seed: int, size: int = 3):
+    torch.manual_seed(seed)
+    ids = torch.randint(2, 64, (size, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(2, 64, (size, 3))}
+
+
+def test_two_threads_with_different_tags_and_inputs_are_exact():
+    model = smear_t5(routing="tag")
+    jobs = [(batch(10 + i), torch.tensor([i % 4, (i + 1) % 4, (i + 2) % 4])) for i in range(4)]
+    with torch.no_grad():
+        expected = [model(**inputs, routing_tags=tags).logits for inputs, tags in jobs]
+    failures = []
+
+    def worker(offset: int):
+        with torch.no_grad():
+            for call in range(100):
+                index = (offset + call) % len(jobs)
+                inputs, tags = jobs[index]
+                if not torch.equal(model(**inputs, routing_tags=tags).logits, expected[index]):
+                    failures.append((offset, call))
+
+    threads = [threading.Thread(target=worker, args=(offset,)) for offset in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert model.base_model.frames.current() is None
+
+
+def test_threads_calling_forward_and_generate_concurrently_are_exact():
+    model = smear_t5()
+    inputs = [batch(20), batch(21)]
+    with torch.no_grad():
+        logits = model(**inputs[0]).logits
+        generated = model.generate(input_ids=inputs[1]["input_ids"], attention_mask=inputs[1]["attention_mask"], max_new_tokens=4)
+    failures = []
+
+    def forward():
+        with torch.no_grad():
+            for _ in range(30):
+                failures.extend(["forward"] if not torch.equal(model(**inputs[0]).logits, logits) else [])
+
+    def generate():
+        with torch.no_grad():
+            for _ in range(10):
+                out = model.generate(input_ids=inputs[1]["input_ids"], attention_mask=inputs[1]["attention_mask"], max_new_tokens=4)
+                failures.extend(["generate"] if not torch.equal(out, generated) else [])
+
+    threads = [threading.Thread(target=forward), threading.Thread(target=generate)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_nested_routing_inputs_and_per_call_tags_restore_the_outer_state():
+    model = smear_t5(routing="tag")
+    inputs = batch(30)
+    outer, inner, own = torch.tensor([0, 1, 2]), torch.tensor([3, 3, 3]), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        reference = {name: model(**inputs, routing_tags=tags).logits for name, tags in
+                     (("outer", outer), ("inner", inner), ("own", own))}
+        with model.base_model.routing_inputs(routing_tags=outer):
+            assert torch.equal(model(**inputs).logits, reference["outer"])
+            assert torch.equal(model(**inputs, routing_tags=own).logits, reference["own"])
+            assert torch.equal(model(**inputs).logits, reference["outer"])  # the call's own tags did not leak
+            with model.base_model.routing_inputs(routing_tags=inner):
+                assert torch.equal(model(**inputs).logits, reference["inner"])
+            assert torch.equal(model(**inputs).logits, reference["outer"])
+    assert model.base_model.frames.current() is None
+    with pytest.raises(ValueError, match="routing_tags"):
+        model(**inputs)  # no tags outside the block
+
+
+def test_reinforce_terms_belong_to_their_forward():
+    model = smear_t5(routing="reinforce")
+    model.train()
+    first, second = batch(40), batch(41, size=2)
+    torch.manual_seed(0)
+    out = model(**first)
+    losses = torch.arange(3, dtype=torch.float32)
+    alone = reinforce_loss(out, losses)
+    model(**second)  # another forward (e.g. an evaluation batch) in between
+    with torch.no_grad():
+        model.eval()
+        model(**second)
+    assert torch.equal(reinforce_loss(out, losses), alone)
+    assert alone.requires_grad
+
+
+def test_tags_and_keys_must_match_the_batch_exactly_in_forward():
+    model = smear_t5(routing="tag")
+    inputs = {k: v for k, v in batch(50, size=4).items()}
+    for bad, message in (
+        ([0, 1], "exactly one per example"),
+        ([0.0, 1.0, 2.0, 3.0], "integer"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integers"),
+        ([[0, 1], [2, 3]], "integer"),
+        ([True, False, True, False], "integer"),
+        (torch.tensor([[0, 1], [2, 3]]), "1-D"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model(**inputs, routing_tags=bad)
+    with pytest.raises(ValueError, match="exactly one per example"):
+        smear_t5(routing="hash")(**inputs, routing_keys=[1, 2])
+    assert model.base_model.frames.current() is None
+
+
+def test_generate_repeats_tags_for_beams_and_return_sequences_only():
+    model = smear_t5(routing="tag")
+    inputs = batch(60, size=2)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], routing_tags=[1, 2], num_beams=3,
+            num_return_sequences=2, max_new_tokens=3,
+        )
+    assert out.shape[0] == 4
+
+
+def test_an_attention_mask_passed_positionally_is_used_for_routing():
+    model = smear_t5()
+    base = model.get_base_model()
+    inputs = batch(70)
+    decoder_input_ids = torch.zeros(3, 2, dtype=torch.long)
+    with torch.no_grad():
+        by_name = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=decoder_input_ids).logits
+        positional = base(inputs["input_ids"], inputs["attention_mask"], decoder_input_ids=decoder_input_ids).logits
+        unmasked = base(input_ids=inputs["input_ids"], decoder_input_ids=decoder_input_ids).logits
+    assert torch.equal(by_name, positional)
+    assert (by_name[0] - unmasked[0]).abs().max() > 1e-5  # example 0 has padding, which routing ignores
+
+
+def test_num_experts_must_be_a_real_integer():
+    with pytest.raises(ValueError, match="num_experts"):
+        SmearConfig(num_experts=True)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_recompute_in_their_calls_frame(reentrant):
+    """Tag routing needs the call's tags when a checkpointed layer is recomputed in the backward pass."""
+    inputs, tags = batch(80), torch.tensor([3, 0, 2])
+
+    def gradients(checkpointing: bool):
+        model = smear_t5(routing="tag")
+        model.train()
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model(**inputs, routing_tags=tags).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reinforce_with_reentrant_checkpointing_names_the_fix():
+    model = smear_t5(routing="reinforce")
+    model.train()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant': False"):
+        model(**batch(90))
+
+
+def test_no_frame_outlives_a_call_that_failed():
+    model = smear_t5(routing="tag")
+    with pytest.raises(ValueError):
+        model(**batch(95))  # tag routing without tags
+    assert model.base_model.frames.current() is None
