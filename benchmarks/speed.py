@@ -304,12 +304,8 @@ def optimizer_step(model: torch.nn.Module, params: list, lr: float) -> Callable[
 
 
 def generate_without_decode_cache(model, routing_tags=None, **kwargs):
-    """``generate`` with smear-peft's decode-time cache switched off: every decoding step routes and merges again.
-
-    ``SmearModel.generate`` turns the cache on; the base model's own ``generate`` inside ``routing_inputs`` runs the same
-    decoding with the routing context but without it."""
-    with model.base_model.routing_inputs(routing_tags):
-        return model.base_model.model.generate(**kwargs)
+    """``generate`` with smear-peft's decode-time cache switched off: every decoding step routes and merges again."""
+    return model.generate(routing_tags=routing_tags, routing_cache=False, **kwargs)
 
 
 def t5_config(layers: int):

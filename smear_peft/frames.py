@@ -50,6 +50,10 @@ class GenerationSession:
     """
 
     blocks: dict = field(default_factory=dict)
+    #: ``False`` (``generate(..., routing_cache=False)``): blocks decide and merge again at every step (same outputs;
+    #: for benchmarks and checks). Causal prompt routing still keeps each block's pooled prompt.
+    reuse_experts: bool = True
+    prompt_inputs: dict = field(default_factory=dict)
     encoder_states: Optional[torch.Tensor] = None
     decoder_sources: dict = field(default_factory=dict)
     content_keys: Optional[torch.Tensor] = None

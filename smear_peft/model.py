@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import ModulesToSaveWrapper, _get_submodules
 from torch import nn
 
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
@@ -225,7 +226,8 @@ class SmearModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
             "SMEAR adapters cannot be merged into the base model: routing is input-dependent, so every example uses its "
-            "own mixture of experts. Keep the PeftModel for inference, or call unload() to get the unchanged base model."
+            "own mixture of experts. Keep the PeftModel for inference, or call unload(restore_modules_to_save=True) to "
+            "get the unchanged base model back."
         )
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
@@ -259,6 +261,20 @@ class SmearModel(BaseTuner):
                     for key, buffer in owner._buffers.items():
                         if buffer is not None and buffer.is_floating_point() and buffer.dtype != parameter.dtype:
                             owner._buffers[key] = buffer.to(parameter.dtype)
+
+    def unload(self, restore_modules_to_save: bool = False) -> nn.Module:
+        """The base model without routing blocks, hooks or wrappers (not in place: use the returned model).
+
+        PEFT's convention for ``modules_to_save`` applies by default: each such module (the backbone layer norms that
+        ``train_layer_norms`` trains, a new head) comes back as the active adapter's **trained** copy. With
+        ``restore_modules_to_save=True`` they come back as they were in the base model, which is then the untouched
+        base model. Backbone BatchNorm statistics (``batch_norm_statistics``) always come back untouched."""
+        if restore_modules_to_save:
+            for name, module in list(self.model.named_modules()):
+                if isinstance(module, ModulesToSaveWrapper):
+                    parent, _, child = _get_submodules(self.model, name)
+                    setattr(parent, child, module.original_module)
+        return self._unload_and_optionally_merge(merge=False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -369,7 +385,8 @@ class SmearModel(BaseTuner):
 
         Routing is computed once per call and kept for every generated token: decoder blocks of encoder-decoder models
         route on the encoder output, causal LMs on the prompt. Each block merges its experts once per call (the
-        decode-time cache). The base model's own ``generate`` behaves the same (see `GenerateInSession`)."""
+        decode-time cache; ``routing_cache=False`` merges again at every step, with the same outputs). The base
+        model's own ``generate`` behaves the same (see `GenerateInSession`)."""
         return self.model.generate(*args, **kwargs)
 
     def generate_in_session(self, generate, args: tuple, kwargs: dict):
@@ -377,8 +394,9 @@ class SmearModel(BaseTuner):
         keys = self.index_tensor(kwargs.pop("routing_keys", None), "routing_keys")
         mask = kwargs.pop("routing_mask", None)
         mask = None if mask is None else torch.as_tensor(mask).bool()
+        session = GenerationSession(reuse_experts=kwargs.pop("routing_cache", True))
         self._check_generation(kwargs)
-        with self.frames.scope(tags=tags, keys=keys, routing_mask=mask, session=GenerationSession()):
+        with self.frames.scope(tags=tags, keys=keys, routing_mask=mask, session=session):
             return generate(*args, **kwargs)
 
     def _check_generation(self, kwargs: dict) -> None:

@@ -114,7 +114,7 @@ class EncoderOutput(RoutingSource):
         if session is not None and key in session.blocks:
             return RoutePlan(cached=session.blocks[key])
         pooled = frame.decoder_source(self.pooling, tokens.shape[0]).to(tokens.dtype) if needs_input else None
-        return RoutePlan(pooled=pooled, store=(session.blocks, key) if session is not None else None)
+        return RoutePlan(pooled=pooled, store=_store(session, key))
 
 
 class CausalPrompt(RoutingSource):
@@ -130,10 +130,19 @@ class CausalPrompt(RoutingSource):
         key = (id(layer), adapter)
         if session is not None and key in session.blocks:
             return RoutePlan(cached=session.blocks[key])
+        if session is not None and key in session.prompt_inputs:
+            return RoutePlan(pooled=session.prompt_inputs[key], store=_store(session, key))
         if frame.prompt_mask is None:
             raise ValueError(frame.prompt_error or _NO_PROMPT)
-        pooled = pool(tokens, frame.prompt_mask, "masked_mean") if needs_input else None
-        return RoutePlan(pooled=pooled, store=(session.blocks, key) if session is not None else None)
+        pooled = pool(tokens, frame.prompt_mask, "masked_mean")
+        if session is not None:
+            session.prompt_inputs[key] = pooled
+        return RoutePlan(pooled=pooled, store=_store(session, key))
+
+
+def _store(session, key) -> Optional[tuple]:
+    """Where a block keeps its decision and expert for the rest of a ``generate`` call (``None``: it doesn't)."""
+    return (session.blocks, key) if session is not None and session.reuse_experts else None
 
 
 _NO_PROMPT = (

@@ -103,6 +103,8 @@ def test_prompt_routing_generate_with_and_without_cache_equals_step_by_step_forw
         cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
         assert torch.equal(cached, uncached)
+        remerged = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), routing_cache=False, **kwargs)
+        assert torch.equal(cached, remerged)
         if num_beams == 1:  # greedy: each token is the argmax of a full forward routed on the prompt
             routing_mask = torch.zeros_like(cached, dtype=torch.bool)
             routing_mask[:, :5] = True
