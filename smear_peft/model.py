@@ -367,11 +367,11 @@ class SmearModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """PEFT enters this around ``forward`` / ``generate`` with the call's keyword arguments."""
-        adapter_names = kwargs.get("adapter_names")
-        if adapter_names is not None:
+        if kwargs.get("adapter_names") is not None:
             raise ValueError(
-                "adapter_names= (mixed adapter batches) is not supported by SMEAR adapters: call the model once per "
-                "adapter (set_adapter) instead."
+                "adapter_names= (PEFT's mixed adapter batches) is not supported by SMEAR adapters: the backbone layer "
+                "norms they train are PEFT modules_to_save, whose wrapper mixes batches only for Linear / Embedding / "
+                "Conv modules, so the result could not be exact. Call the model once per adapter (set_adapter) instead."
             )
         yield
 

@@ -86,3 +86,14 @@ def test_unload_keeps_trained_modules_to_save_or_restores_the_untouched_base_mod
     untouched = trained().unload(restore_modules_to_save=True).state_dict()
     assert untouched.keys() == original.keys()
     assert all(torch.equal(untouched[k], original[k]) for k in original)
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    import pytest
+
+    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, reduction_factor=4)).eval()
+    model.add_adapter("other", SmearConfig(num_experts=2, reduction_factor=4))
+    with pytest.raises(ValueError, match="adapter_names"):
+        model(**t5_inputs(), adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="adapter_names"):
+        model.generate(input_ids=t5_inputs()["input_ids"], adapter_names=["default", "other"], max_new_tokens=2)
