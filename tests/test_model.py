@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-from peft import PeftModel, PeftModelForSeq2SeqLM, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from smear_peft import SmearConfig, SmearLayer
@@ -204,7 +204,7 @@ def test_save_and_load_give_identical_logits(tmp_path, t5_batch):
     assert any(k.endswith("smear_experts.down_weight") for k in keys)
     assert any(k.endswith("layer_norm.weight") for k in keys)  # the trained backbone layer norms travel too
     loaded = PeftModel.from_pretrained(tiny_t5(), tmp_path)
-    assert isinstance(loaded, PeftModelForSeq2SeqLM)
+    assert type(loaded) is PeftModel  # task_type=None, as saved
     assert not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**t5_batch).logits, expected, rtol=0, atol=0)
@@ -246,7 +246,7 @@ def test_load_from_hub_repo_id_through_offline_cache(tmp_path, t5_batch):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "loaded PeftModelForSeq2SeqLM" in result.stdout
+    assert "loaded PeftModel\n" in result.stdout
 
 
 def test_loading_without_import_names_the_missing_registration(tmp_path):
