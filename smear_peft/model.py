@@ -14,7 +14,7 @@ from torch import nn
 
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
-from .config import SUBLAYERS, SmearConfig
+from .config import SUBLAYERS, SmearConfig, check_layer_selection
 from .context import RoutingContext
 from .layer import SmearLayer
 from .routing import RoutingMethod, build_routing_method, content_keys, gumbel_temperature_at
@@ -83,6 +83,7 @@ class SmearModel(BaseTuner):
             )
         if preset is not None:
             preset.prepare_config(peft_config)
+        check_layer_selection(peft_config)  # a preset may fill in a regular expression
         return peft_config
 
     def _create_and_replace(
