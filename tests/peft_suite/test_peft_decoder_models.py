@@ -26,9 +26,7 @@ def _config(config_id: str, **kwargs):
 #: Causal routing rows go here, e.g. ``_config("smear-causal-prompt", causal_routing="prompt")``.
 DECODER_CONFIGS = [
     _config("smear"),
-    _config("top_k", routing="top_k"),
     _config("hash", routing="hash"),
-    _config("ensemble", routing="ensemble"),
 ]
 MODELS = ["tiny-gpt2", "tiny-llama"]
 

@@ -24,19 +24,18 @@ def _config(config_id: str, **kwargs):
 ENCODER_DECODER_CONFIGS = [
     _config("smear"),
     _config("smear-no-layer-norms", train_layer_norms=False),
-    _config("smear-expert-dropout", expert_dropout=0.1),
-    _config("smear-ffn-only-no-post-norm", sublayers=["feed_forward"], post_norm=False),
+    _config("smear-ffn-only-no-post-norm", sublayers=["feed_forward"], post_norm=False, expert_dropout=0.1),
     _config("top_k", routing="top_k"),
-    _config("st_gumbel", routing="st_gumbel"),
     _config("reinforce", routing="reinforce"),
     _config("tag", routing="tag"),
     _config("hash", routing="hash"),
-    _config("monolithic", routing="monolithic"),
     _config("ensemble", routing="ensemble"),
 ]
+# st_gumbel and monolithic run on the custom models only (their layer code is shared with top_k / smear); the
+# encoder-decoder rows cover what differs: decoder routing from the encoder, tags/keys, generate, presets.
 MODELS = ["tiny-t5", "tiny-bart"]
 #: BART runs the preset's main rows only (the routing methods are architecture-independent; keeps CI fast).
-BART_CONFIGS = {"smear", "smear-no-layer-norms", "top_k", "tag"}
+BART_CONFIGS = {"smear", "tag"}
 
 
 _CONFIG_IDS = {id(p.values[1]): p.id for p in ENCODER_DECODER_CONFIGS}

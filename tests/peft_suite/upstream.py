@@ -16,6 +16,7 @@ diffusers installed a stub module with that one class stands in for it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
@@ -26,6 +27,7 @@ import tarfile
 import tempfile
 import types
 from pathlib import Path
+from unittest import mock
 
 PACKAGE = "peft_upstream_tests"
 #: Files of PEFT's tests/ folder that the conformance tests import.
@@ -106,6 +108,18 @@ def _stub_diffusers() -> None:
         sys.modules["diffusers"] = stub
 
 
+@contextlib.contextmanager
+def offline(model_id: str = ""):
+    """Stands in for PEFT's ``hub_online_once``, which turns the Hub *on* for each model id's first use: our models
+    are built from configs, so the Hub stays off (no network timeouts, no downloads)."""
+    with (
+        mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}),
+        mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True),
+        mock.patch("transformers.utils.hub.is_offline_mode", lambda: True),
+    ):
+        yield
+
+
 def load(module: str) -> types.ModuleType:
     """Import ``module`` (e.g. ``"testing_common"``) from PEFT's fetched test suite."""
     if PACKAGE not in sys.modules:
@@ -116,4 +130,8 @@ def load(module: str) -> types.ModuleType:
         package.__file__ = str(folder / "__init__.py")
         package.__doc__ = f"PEFT {peft_version()}'s tests/ folder (from its sdist, cached in {folder})."
         sys.modules[PACKAGE] = package
-    return importlib.import_module(f"{PACKAGE}.{module}")
+    loaded = importlib.import_module(f"{PACKAGE}.{module}")
+    for name, value in list(sys.modules.items()):
+        if name.startswith(PACKAGE + ".") and hasattr(value, "hub_online_once"):
+            value.hub_online_once = offline
+    return loaded
