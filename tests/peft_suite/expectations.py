@@ -113,10 +113,44 @@ NOT_APPLICABLE = [
         skip=True,
     ),
     Expectation(
+        "trained layer norms",
+        "with train_layer_norms=True (the authors' T5 recipe, the preset default) the backbone's layer norms are "
+        "trained through modules_to_save; these two tests allow gradients only on parameters with the adapter prefix "
+        "(all pass with train_layer_norms=False)",
+        frozenset({"test_training_encoder_decoders_layer_indexing", "test_training_encoder_decoders_gradient_checkpointing"}),
+        when=lambda p: _kwargs(p).get("train_layer_norms", True) is not False,
+        raises=AssertionError,
+    ),
+    Expectation(
+        "hash routing without input ids",
+        "hash routing hashes each example's input_ids unless routing_keys are given; a call with only inputs_embeds "
+        "has nothing to hash, and SmearModel raises a ValueError saying to pass routing_keys",
+        frozenset({"test_passing_input_embeds_works"}),
+        when=lambda p: _routing(p) == "hash",
+        raises=ValueError,
+    ),
+    Expectation(
+        "Hub tokenizer",
+        "the test loads AutoTokenizer.from_pretrained(model_id) from the Hub (a prompt-learning training test); CI "
+        "downloads nothing",
+        frozenset({"test_prompt_learning_with_gradient_checkpointing"}),
+        skip=True,
+    ),
+    Expectation(
         "REINFORCE router",
         "REINFORCE routers (and their baselines) get gradients only from the auxiliary policy loss "
         "(SmearModel.reinforce_loss), which PEFT's generic training step doesn't add, so their .grad stays None",
-        frozenset({"test_training_custom_models", "test_training_encoder_decoders", "test_training_decoders"}),
+        frozenset(
+            {
+                "test_training_custom_models",
+                "test_training_encoder_decoders",
+                "test_training_decoders",
+                "test_training_encoder_decoders_layer_indexing",
+                "test_training_decoders_layer_indexing",
+                "test_training_encoder_decoders_gradient_checkpointing",
+                "test_training_decoders_gradient_checkpointing",
+            }
+        ),
         when=lambda p: _routing(p) == "reinforce",
         raises=AssertionError,
     ),
@@ -140,6 +174,16 @@ KNOWN_BUGS = [
         frozenset({"test_adapter_dtype_autocast", "test_add_adapter_no_autocast_adapter_dtype"}),
         when=lambda p: p.get("autocast_adapter_dtype", False) is False and p.get("dtype") in HALF,
         raises=AssertionError,
+        category="peft_known_bug",
+    ),
+    Expectation(
+        "routing inputs under gradient checkpointing",
+        "routing_tags / routing_keys (and content keys) are cleared when the model's forward returns "
+        "(smear_peft/model.py SmearModel._on_model_end), but gradient checkpointing recomputes the blocks during "
+        "backward, where tag / hash routing then finds no tags / keys and raises",
+        frozenset({"test_training_encoder_decoders_gradient_checkpointing", "test_training_decoders_gradient_checkpointing"}),
+        when=lambda p: _routing(p) in ("tag", "hash"),
+        raises=ValueError,
         category="peft_known_bug",
     ),
     Expectation(
