@@ -83,7 +83,10 @@ def fetch(version: str | None = None) -> Path:
             members = [m for m in archive.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
             for member in members:
                 member.name = member.name[len(prefix):] or "."
-            archive.extractall(unpacked, members=members, filter="data")
+            try:
+                archive.extractall(unpacked, members=members, filter="data")
+            except TypeError:  # Python < 3.11.4 / 3.10.12: no extraction filters (members are plain files and dirs)
+                archive.extractall(unpacked, members=members)
         if not _complete(unpacked):
             raise PeftSuiteUnavailable(f"peft-{version}.tar.gz has no complete tests/ folder (need {', '.join(REQUIRED)}).")
         try:
