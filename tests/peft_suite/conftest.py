@@ -63,3 +63,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", "PEFT conformance (tests/peft_suite)")
         for outcome, count in sorted(_OUTCOMES.items()):
             terminalreporter.write_line(f"{count:6d} {outcome}")
+        from .adopt import DROPPED
+
+        for cls, names in sorted(DROPPED.items()):
+            terminalreporter.write_line(
+                f"{cls}: {len(names)} PEFT tests of specific methods (not parametrised by the method matrix) not run: "
+                + ", ".join(names)
+            )
