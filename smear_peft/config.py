@@ -144,7 +144,7 @@ class SmearConfig(PeftConfig):
         if self.task_type == LEGACY_AUTO_TASK_TYPE:
             self.task_type = None
         super().__post_init__()
-        self.peft_type = "SMEAR"
+        self.peft_type = _smear_peft_type()
         for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
@@ -200,6 +200,7 @@ class SmearConfig(PeftConfig):
             _fail("num_tags", f"is {self.num_tags} but tag_names lists {len(self.tag_names)} names; drop num_tags.")
         if self.routing == "tag":
             self._validate_tag_routing()
+        check_layer_selection(self)
 
     @property
     def resolved_num_tags(self) -> int:
@@ -251,6 +252,28 @@ class SmearConfig(PeftConfig):
             if any(e >= self.num_experts for e in self.tag_expert_table(side)):
                 _fail("tag_to_expert", f"tags without a mapping use the expert of the same index, which needs "
                       f"num_experts >= {num_tags}; map every tag.")
+
+
+def _smear_peft_type():
+    """The ``PeftType.SMEAR`` enum member (added to PEFT's enum on first use), so ``config.peft_type.value`` works
+    wherever PEFT uses it (model cards, error messages)."""
+    from .registration import PEFT_TYPE_NAME, _add_peft_type_member
+
+    return _add_peft_type_member(PEFT_TYPE_NAME)
+
+
+def check_layer_selection(config: SmearConfig) -> None:
+    """PEFT applies ``layers_to_transform`` / ``layers_pattern`` only to a list of ``target_modules``; with a regular
+    expression it would silently wrap every match. Refuse that combination, as LoRA does."""
+    if isinstance(config.target_modules, str):
+        for name in ("layers_to_transform", "layers_pattern"):
+            if getattr(config, name) is not None:
+                _fail(
+                    name,
+                    f"cannot be used when target_modules is a regular expression ({config.target_modules!r}): PEFT "
+                    "would ignore it and wrap every match. Pass target_modules as a list of module names, or select "
+                    "the layers inside the regular expression.",
+                )
 
 
 def _normalise_tag_map(mapping: dict) -> dict:

@@ -77,6 +77,9 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
+        # PEFT's layers expose their widths; a block keeps its module's, or its own channel width.
+        self.in_features = getattr(base_layer, "in_features", None) or hidden_size
+        self.out_features = getattr(base_layer, "out_features", None) or getattr(base_layer, "nf", None) or hidden_size
         self.role = role
         self.source_size = source_size or hidden_size
         self.side = side

@@ -16,7 +16,7 @@ from torch import nn
 
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
-from .config import SUBLAYERS, SmearConfig
+from .config import SUBLAYERS, SmearConfig, check_layer_selection
 from .frames import CarryFrames, FrameStack, GenerationSession
 from .hooks import ROUTING_KWARGS, FrameHooks
 from .layer import SmearLayer
@@ -99,6 +99,7 @@ class SmearModel(BaseTuner):
             )
         if preset is not None:
             preset.prepare_config(peft_config)
+        check_layer_selection(peft_config)  # a preset may fill in a regular expression
         if peft_config.causal_routing is not None and self.is_encoder_decoder:
             raise ValueError(
                 "SmearConfig.causal_routing applies to decoder-only models; the decoder blocks of an encoder-decoder "
