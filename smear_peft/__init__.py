@@ -10,6 +10,7 @@
 
 from .architectures import ArchitecturePreset, register_preset, supported_model_types
 from .config import SmearConfig
+from .hub import push_to_hub
 from .layer import SmearLayer
 from .model import SmearModel
 from .registration import register
@@ -25,6 +26,7 @@ __all__ = [
     "SmearConfig",
     "SmearLayer",
     "SmearModel",
+    "push_to_hub",
     "register_preset",
     "supported_model_types",
 ]

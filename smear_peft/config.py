@@ -153,6 +153,14 @@ class SmearConfig(PeftConfig):
             self.tag_to_expert = _normalise_tag_map(self.tag_to_expert)
         self.validate()
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's ``save_pretrained``, plus the SMEAR section of the model card PEFT has just written there (see
+        `smear_peft.hub`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .hub import add_card_section
+
+        add_card_section(save_directory, self)
+
     def validate(self) -> None:
         """Raise a `ValueError` that names the fix for any inconsistent field."""
         if self.routing not in ROUTING_METHODS:

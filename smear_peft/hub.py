@@ -1,8 +1,10 @@
-"""Model cards and Hub uploads for SMEAR adapters.
+"""Model cards and Hub uploads for SMEAR adapters, without patching PEFT.
 
-`PeftModel.push_to_hub` is transformers' generic one: it saves the adapter, then replaces PEFT's README with a
-generic transformers card. For SMEAR adapters smear-peft routes it to `push_to_hub` below (see `registration.py`),
-which uploads the adapter with a card naming smear-peft, the routing method, the experts and the base model.
+* ``save_pretrained`` writes PEFT's README; `SmearConfig.save_pretrained` (called by PEFT right after it) adds the
+  SMEAR section and tags, so a saved folder uploaded with ``huggingface_hub.upload_folder`` carries them.
+* ``model.push_to_hub(repo)`` is PEFT's (inherited from transformers) and behaves as for every PEFT method: transformers
+  replaces the README with its generic card. `push_to_hub` below uploads the adapter with the SMEAR card instead:
+  ``smear_peft.push_to_hub(model, repo)``.
 """
 
 from __future__ import annotations
@@ -21,46 +23,50 @@ def is_smear_model(peft_model) -> bool:
     return getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None)) == "SMEAR"
 
 
-def write_model_card(peft_model, output_dir: str) -> ModelCard:
-    """Add the SMEAR section and tags to the README that `save_pretrained` wrote in ``output_dir``."""
+def card_section(config, repo_id: Optional[str] = None, num_blocks: Optional[int] = None) -> str:
+    """The SMEAR section of an adapter's model card (``## SMEAR adapter``)."""
+    base_model = config.base_model_name_or_path or "unknown"
+    lines = [
+        CARD_SECTION_HEADING,
+        "",
+        "Routed expert adapters trained with [smear-peft](https://github.com/smear-peft/smear-peft) "
+        "(SMEAR: Soft Merging of Experts with Adaptive Routing, Muqeeth, Liu & Raffel, TMLR 2023).",
+        "",
+        f"- Base model: `{base_model}`",
+        f"- Routing: `{config.routing}`",
+        f"- Experts per block: {config.num_experts}",
+    ]
+    if num_blocks is not None:
+        lines.append(f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})")
+    lines += [
+        f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}",
+        f"- Expert dropout: {config.expert_dropout}; pooling: `{config.pooling}`",
+        "",
+        "```python",
+        "import smear_peft  # registers the SMEAR method with PEFT; needed before loading",
+        "from peft import PeftModel",
+        "",
+        f'model = PeftModel.from_pretrained(base_model, "{repo_id or "<repo id>"}")',
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def add_card_section(output_dir: str, config, repo_id: Optional[str] = None, num_blocks: Optional[int] = None) -> None:
+    """Add (or replace) the SMEAR section and tags in the README that PEFT's ``save_pretrained`` wrote."""
     path = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\nlibrary_name: peft\n---\n")
-    config = peft_model.active_peft_config
-    base_model = config.base_model_name_or_path or getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None) or "unknown"
-    num_blocks = sum(1 for _ in peft_model.base_model.smear_layers())
-    tags = set(card.data.tags or []) | {"smear-peft", "smear", "mixture-of-experts", f"routing:{config.routing}"}
-    card.data.tags = sorted(tags)
+    if not os.path.exists(path):
+        return
+    card = ModelCard.load(path)
+    card.data.tags = sorted(set(card.data.tags or []) | {"smear-peft", "smear", "mixture-of-experts", f"routing:{config.routing}"})
     card.data.library_name = "peft"
-    if base_model != "unknown":
-        card.data.base_model = base_model
-    section = "\n".join(
-        [
-            CARD_SECTION_HEADING,
-            "",
-            "Routed expert adapters trained with [smear-peft](https://github.com/smear-peft/smear-peft) "
-            "(SMEAR: Soft Merging of Experts with Adaptive Routing, Muqeeth, Liu & Raffel, TMLR 2023).",
-            "",
-            f"- Base model: `{base_model}`",
-            f"- Routing: `{config.routing}`",
-            f"- Experts per block: {config.num_experts}",
-            f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})",
-            f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}",
-            f"- Expert dropout: {config.expert_dropout}; pooling: `{config.pooling}`",
-            "",
-            "```python",
-            "import smear_peft  # registers the SMEAR method with PEFT; needed before loading",
-            "from peft import PeftModel",
-            "",
-            f'model = PeftModel.from_pretrained(base_model, "{getattr(peft_model, "_smear_repo_id", "<repo id>")}")',
-            "```",
-        ]
-    )
+    if config.base_model_name_or_path:
+        card.data.base_model = config.base_model_name_or_path
     text = card.text
     if CARD_SECTION_HEADING in text:
         text = text[: text.index(CARD_SECTION_HEADING)].rstrip() + "\n"
-    card.text = text.rstrip() + "\n\n" + section + "\n"
+    card.text = text.rstrip() + "\n\n" + card_section(config, repo_id, num_blocks) + "\n"
     card.save(path)
-    return card
 
 
 def push_to_hub(
@@ -80,8 +86,8 @@ def push_to_hub(
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, **save_kwargs)
-        peft_model._smear_repo_id = repo_id
-        write_model_card(peft_model, folder)
+        config = peft_model.active_peft_config
+        add_card_section(folder, config, repo_id, sum(1 for _ in peft_model.base_model.smear_layers()))
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

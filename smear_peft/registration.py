@@ -3,26 +3,39 @@
 PEFT 0.21 has no plugin mechanism: `peft.register_peft_method` only accepts names already in its closed `PeftType`
 enum. We therefore
 
-1. add a ``SMEAR`` member to `PeftType` (so configs, checkpoints and model cards carry ``"peft_type": "SMEAR"``);
-2. call `register_peft_method`, which fills PEFT's config / tuner / prefix mappings;
-3. route `PeftModel.push_to_hub` to `smear_peft.hub.push_to_hub` for SMEAR adapters only (the inherited transformers
-   method replaces PEFT's model card with a generic one); other PEFT methods keep PEFT's behaviour.
+1. check that the installed PEFT is a version this extension was verified against (`SUPPORTED_PEFT`), since step 2
+   relies on how its enum is built;
+2. add a ``SMEAR`` member to `PeftType` (so configs, checkpoints and model cards carry ``"peft_type": "SMEAR"``);
+3. call `register_peft_method`, which fills PEFT's config / tuner / prefix mappings.
 
-Every step is idempotent. Loading a SMEAR adapter needs ``import smear_peft`` first; without it PEFT raises
+Nothing else of PEFT is touched: its classes, methods and mappings behave exactly as before for every other method
+(`tests/test_registration.py` checks LoRA's save, push_to_hub and get_peft_model with each task type before and after
+the import). Every step is idempotent. Loading a SMEAR adapter needs ``import smear_peft`` first; without it PEFT raises
 ``KeyError: 'SMEAR'`` (see the README).
 """
 
 from __future__ import annotations
 
-from peft import PeftModel
-from peft.utils.peft_types import register_peft_method
+import peft
+from packaging.version import Version
 from peft.utils import PeftType
+from peft.utils.peft_types import register_peft_method
 
-from . import hub
 from .config import SmearConfig
 from .model import SmearModel
 
 PEFT_TYPE_NAME = "SMEAR"
+#: PEFT versions the registration was verified against: ``[minimum, maximum)``.
+SUPPORTED_PEFT = ("0.21.0", "0.22.0")
+
+
+def check_peft_version(version: str = peft.__version__) -> None:
+    low, high = SUPPORTED_PEFT
+    if not Version(low) <= Version(Version(version).base_version) < Version(high):
+        raise ImportError(
+            f"smear-peft supports peft>={low},<{high} (it extends PEFT's closed PeftType enum, whose layout it checks "
+            f"per version); found peft {version}. Install a supported version: pip install 'peft>={low},<{high}'."
+        )
 
 
 def _add_peft_type_member(name: str) -> PeftType:
@@ -39,23 +52,11 @@ def _add_peft_type_member(name: str) -> PeftType:
     return member
 
 
-def _smear_aware_push_to_hub(original):
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if hub.is_smear_model(self):
-            return hub.push_to_hub(self, repo_id, *args, **kwargs)
-        return original(self, repo_id, *args, **kwargs)
-
-    push_to_hub.__doc__ = original.__doc__
-    push_to_hub._smear_original = original
-    return push_to_hub
-
-
 def register() -> None:
     """Make "SMEAR" a PEFT method (idempotent)."""
+    check_peft_version()
     peft_type = _add_peft_type_member(PEFT_TYPE_NAME)
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=SmearConfig, model_cls=SmearModel, prefix=SmearModel.prefix)
-    if not hasattr(PeftModel.push_to_hub, "_smear_original"):
-        PeftModel.push_to_hub = _smear_aware_push_to_hub(PeftModel.push_to_hub)

@@ -10,6 +10,7 @@ import textwrap
 from unittest import mock
 
 import pytest
+import smear_peft
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -308,6 +309,17 @@ def test_merge_and_unload_explains_why_it_is_impossible():
         next(model.base_model.smear_layers()).merge()
 
 
+def test_save_pretrained_writes_the_smear_model_card_section(tmp_path):
+    model = smear_t5()
+    model.peft_config["default"].base_model_name_or_path = "google/t5-v1_1-base"
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and "smear-peft" in card and "routing:smear" in card
+    assert "Routing: `smear`" in card and "Experts per block: 4" in card and "google/t5-v1_1-base" in card
+    model.save_pretrained(tmp_path)  # saving again replaces the section
+    assert (tmp_path / "README.md").read_text().count("## SMEAR adapter") == 1
+
+
 def test_push_to_hub_uploads_the_adapter_with_a_smear_model_card(tmp_path):
     model = smear_t5()
     model.peft_config["default"].base_model_name_or_path = "google/t5-v1_1-base"
@@ -321,7 +333,7 @@ def test_push_to_hub_uploads_the_adapter_with_a_smear_model_card(tmp_path):
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=fake_repo) as create_repo, mock.patch(
         "huggingface_hub.HfApi.upload_folder", fake_upload_folder
     ):
-        model.push_to_hub("someuser/smear-glue", private=True)
+        smear_peft.push_to_hub(model, "someuser/smear-glue", private=True)
     create_repo.assert_called_once()
     assert uploaded["repo_id"] == "someuser/smear-glue"
     assert set(uploaded["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
