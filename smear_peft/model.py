@@ -316,7 +316,9 @@ class SmearModel(BaseTuner):
             if method.name != "st_gumbel":
                 continue
             c = method.config
-            tau = gumbel_temperature_at(step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every)
+            # The authors' DomainNet loop applies an update one step later than their T5 trainer.
+            schedule = "resnet" if getattr(self.model.config, "model_type", None) == "resnet" else "t5"
+            tau = gumbel_temperature_at(step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every, schedule)
             self.smear_gumbel_temperature[name].fill_(tau)
             temperatures[name] = tau
         return temperatures
