@@ -114,17 +114,16 @@ def evaluate_saved_adapter(output_dir: Path) -> dict:
     import smear_peft  # noqa: F401  (registers SMEAR with PEFT)
     from accelerate import Accelerator
     from peft import PeftModel
-    from torch.utils.data import DataLoader
 
     config = yaml.safe_load((output_dir / "config.yaml").read_text())
-    model = PeftModel.from_pretrained(glue.build_base_model(config), str(output_dir))
+    model = PeftModel.from_pretrained(glue.build_base_model(config, authors_weights_dir=str(output_dir)), str(output_dir))
     tokenizer = glue.build_tokenizer(config)
     rows = glue.build_split(config, glue.load_glue(config), "test")
     collator = glue.GlueSeq2SeqCollator(
         tokenizer, config["max_source_length"], config["max_target_length"], include_text_fields=True
     )
-    loader = DataLoader(rows, batch_size=config["eval_batch_size"], collate_fn=collator)
-    return glue.evaluate(model, loader, tokenizer, Accelerator(cpu=True), glue.answer_lengths(rows, tokenizer))
+    loaders = glue.per_task_loaders(rows, config["eval_batch_size"], collator)
+    return glue.evaluate(model, loaders, tokenizer, Accelerator(cpu=True), glue.answer_lengths(rows, tokenizer))
 
 
 @pytest.mark.slow
