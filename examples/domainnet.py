@@ -186,6 +186,16 @@ def collate(examples):
     return batch
 
 
+def training_loader(dataset, batch_size, args):
+    """Shuffled batches of ``dataset``; an epoch ends with its last, partial batch, as the authors' loader (no
+    ``drop_last``). The loader's own generator (not the global one) seeds its workers, so iterating it never shifts
+    the global random stream that expert dropout and sampled routing draw from: resuming stays exact."""
+    return DataLoader(
+        WithExampleIndex(dataset), batch_size=batch_size, shuffle=True, drop_last=False, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
 def train_batches(accelerator, loader, start_step):
     """Batches forever, from ``start_step`` on. An epoch's order depends only on (seed, epoch) (Accelerate's seedable
     sampler), so a run resumed mid-epoch sees the same batches as one that never stopped."""
@@ -362,16 +372,7 @@ def main(argv=None):
     if args.batch_size > len(splits.train):
         usage_error(f"--batch_size {args.batch_size} is larger than the {len(splits.train)} training images.")
     loader_options = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
-    train_loader = DataLoader(
-        WithExampleIndex(splits.train),
-        batch_size=args.batch_size // accelerator.num_processes,
-        shuffle=True,
-        drop_last=False,  # the authors keep an epoch's last, partial batch
-        # The loader's own generator (not the global one) seeds its workers, so iterating it never shifts the global
-        # random stream that expert dropout and sampled routing draw from: resuming stays exact.
-        generator=torch.Generator().manual_seed(args.seed),
-        **loader_options,
-    )
+    train_loader = training_loader(splits.train, args.batch_size // accelerator.num_processes, args)
     validation_loader = DataLoader(
         WithExampleIndex(splits.validation), batch_size=args.eval_batch_size, **loader_options
     )

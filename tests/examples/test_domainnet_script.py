@@ -79,6 +79,18 @@ def test_example_config_files_parse() -> None:
     assert digits.dataset == "digits" and digits.model_name_or_path is None
 
 
+def test_model_selection_and_epochs_follow_the_authors() -> None:
+    script = load_script()
+    # validation accuracy rounded to 4 decimals (their Scorer), strictly better than the best so far (from 0)
+    assert script.is_new_best(0.12346, 0.1234) and not script.is_new_best(0.12344, 0.1234)
+    assert not script.is_new_best(0.0, 0.0) and script.is_new_best(0.00005, 0.0)
+    # every training image is seen each epoch: the last, partial batch is kept
+    args = script.parse_config(["--dataset", "digits", "--model_name_or_path", "null", "--dataloader_num_workers", "0"])
+    dataset = [{"pixel_values": torch.zeros(3, 2, 2), "labels": i % 3, "routing_tags": 0} for i in range(10)]
+    loader = script.training_loader(dataset, 4, args)
+    assert len(loader) == 3 and [len(b["labels"]) for b in loader] == [4, 4, 2]
+
+
 # -- the DomainNet path, on a generated folder in the official layout --------------------------------------------------
 
 CLASSES = {"aircraft_carrier": 0, "zigzag": 344}
