@@ -114,7 +114,7 @@ def test_evaluation_batches_hold_one_task_and_generate_the_authors_budget():
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    config = glue.parse_config(["--config", str(TINY), *SMALL_DATA, "--routing", "smear",
+    config = glue.parse_config(["--config", str(TINY), *SMALL_DATA, "--routing", "smear", "--tasks", "[rte, stsb]",
                                 "--smear_config", "{reduction_factor: 8, pooling: mean}"])
     tokenizer = glue.build_tokenizer(config)
     rows = glue.build_split(config, glue.load_glue(config), "test")
@@ -123,7 +123,7 @@ def test_evaluation_batches_hold_one_task_and_generate_the_authors_budget():
     )
     loaders = glue.per_task_loaders(rows, 7, collator)
     lengths = glue.answer_lengths(rows, tokenizer)
-    for task in ("rte", "sst2", "stsb"):
+    for task in ("rte", "stsb"):
         answers = {a for c, t in zip(rows["answer_choices"], rows["task"]) if t == task for a in (c or [])}
         answers |= {a for a, t in zip(rows["target_text"], rows["task"]) if t == task}
         assert lengths[task] == max(len(a.encode()) + 1 for a in answers)  # ByT5: one token per byte, plus </s>
