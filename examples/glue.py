@@ -519,6 +519,11 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"Adapter and metrics.json saved in {output_dir}")
         if config["push_to_hub"]:
             peft_model.push_to_hub(config["hub_model_id"])  # uploads the adapter with a SMEAR model card
+            if config["authors_backbone"]:  # and the frozen cross-attention bias the adapter was trained with
+                from huggingface_hub import upload_file
+
+                upload_file(path_or_fileobj=os.path.join(output_dir, "authors_backbone.safetensors"),
+                            path_in_repo="authors_backbone.safetensors", repo_id=config["hub_model_id"])
     accelerator.end_training()
 
 

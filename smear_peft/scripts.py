@@ -186,11 +186,11 @@ def parse_settings(
             parser.error(str(error))
     settings.update(args)
     for key, value in settings.items():
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
         rule = rules.get(key)
-        if rule is None:
+        if rule is None or value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            parser.error(f"--{key} must be a number, got {value!r}")
         if isinstance(value, float) and math.isnan(value) or not rule(value):
             parser.error(f"--{key} must be {RULE_TEXT.get(rule, 'valid')}, got {value!r}")
     return settings

@@ -71,6 +71,7 @@ MISTAKES = [
     (["--push_to_hub", "flase"], "expected true or false, got 'flase'"),
     (["--config", "no/such/file.yaml"], "no such file"),
     (["--routing", "soft"], "--routing must be one of"),
+    (["--expert_dropout", "lots"], "--expert_dropout must be a number"),
     (["--batch_size", "100000"], "larger than"),
 ]
 
