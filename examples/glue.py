@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     test_answer_lengths = answer_lengths(test_rows, tokenizer)
 
     # -- optimiser: AdamW 3e-4, no weight decay, 2k warmup steps then constant (authors) -----------------------------
+    # (torch's AdamW adds epsilon after bias correction, transformers 3.5's before: see docs/index.md#deviations...)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config["learning_rate"],
@@ -410,8 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     scheduler = transformers.get_constant_schedule_with_warmup(optimizer, config["warmup_steps"])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    validation_loaders = dict(zip(validation_loaders, accelerator.prepare(*validation_loaders.values())))
-    test_loaders = dict(zip(test_loaders, accelerator.prepare(*test_loaders.values())))
+    validation_loaders = {task: accelerator.prepare(loader) for task, loader in validation_loaders.items()}
+    test_loaders = {task: accelerator.prepare(loader) for task, loader in test_loaders.items()}
 
     # -- resume: model (with ST-Gumbel's temperature buffer), optimizer, scheduler and every process's RNG states ----
     start_step = 0
