@@ -219,7 +219,7 @@ def test_resume_gives_identical_state(digits_run: dict) -> None:
     """Resuming the run from its second-to-last checkpoint (mid-epoch) reproduces its last checkpoint bit for bit."""
     checkpoints = digits_run["output_dir"] / "checkpoints"
     resume_from = checkpoints / f"checkpoint-{DIGITS_STEPS - EVAL_EVERY}"
-    assert resume_from.is_dir() and (DIGITS_STEPS - EVAL_EVERY) % 8 != 0  # 8 batches per epoch: resumes mid-epoch
+    assert resume_from.is_dir() and (DIGITS_STEPS - EVAL_EVERY) % 9 != 0  # 9 batches per epoch (the last partial): mid-epoch
     resumed_dir = digits_run["root"] / "resumed"
     output = launch(
         "--config", str(DIGITS_CONFIG), "--output_dir", str(resumed_dir), "--cache_dir", str(digits_run["root"] / "cache"),
