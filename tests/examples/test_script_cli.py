@@ -91,6 +91,19 @@ def test_every_mistake_exits_2_with_a_message_and_touches_nothing(script, argv, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("script", ["glue", "domainnet"])
+def test_both_scripts_refuse_to_start_afresh_over_an_earlier_run(script, tmp_path, capsys):
+    output = user_folder(tmp_path)
+    start_run(output, f"{script}.py", True, fresh=True)
+    save_checkpoint(FakeAccelerator(), output, 3, keep=2)
+    before = snapshot(tmp_path)
+    module, base = (glue, GLUE_BASE) if script == "glue" else (domainnet, DIGITS_BASE)
+    with pytest.raises(SystemExit) as stopped:
+        module.main([*base, "--output_dir", str(output)])
+    assert stopped.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
 def test_a_wrongly_typed_yaml_value_is_an_error(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     for text, message in [("push_to_hub: flase\n", "push_to_hub must be true or false"),
