@@ -116,6 +116,7 @@ def test_a_wrongly_typed_yaml_value_is_an_error(tmp_path, capsys):
         assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two interpreter start-ups with torch, transformers and datasets imports
 def test_the_exit_code_is_2_for_the_shell_too(tmp_path):
     """One real process per script: argparse's convention reaches the caller."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
