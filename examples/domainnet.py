@@ -24,7 +24,9 @@ Usage:
     accelerate launch examples/domainnet.py --config ... --output_dir runs/domainnet-smear --resume_from_checkpoint latest
 
 Every key of DEFAULTS below is a command-line flag. The defaults are the paper's; ``--config FILE.yaml`` overrides
-them and the command line overrides the file. Results: a per-domain accuracy table, ``<output_dir>/metrics.json`` and
+them and the command line overrides the file; mistakes stop the script with exit code 2 before it writes anything
+(smear_peft/scripts.py). The script never deletes a file it did not write: starting afresh in a folder that holds an
+earlier run needs ``--overwrite_output_dir``. Results: a per-domain accuracy table, ``<output_dir>/metrics.json`` and
 the best-validation adapter in ``<output_dir>`` (load it with ``PeftModel.from_pretrained`` after ``import smear_peft``).
 """
 
@@ -33,12 +35,10 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -50,6 +50,17 @@ from transformers.utils import logging as transformers_logging
 from smear_peft import ROUTING_METHODS, SmearConfig  # importing smear_peft registers the SMEAR method with PEFT
 from smear_peft.data.routed_images import collate_routed_images
 from smear_peft.losses import per_example_classification_loss, reinforce_loss
+from smear_peft.recipes import authors_expert_dropout
+from smear_peft.scripts import (
+    load_checkpoint,
+    non_negative,
+    parse_settings,
+    positive,
+    resolve_checkpoint,
+    save_checkpoint,
+    start_run,
+    usage_error,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration: the paper's settings (authors' cvl/src/utils/Config.py and README commands unless noted)
@@ -75,11 +86,12 @@ DEFAULTS = {
     "max_steps": 100_000,
     "batch_size": 128,  # images per optimizer step, split over the processes
     "eval_batch_size": 128,  # per process
-    "lr": 1e-3,
+    "learning_rate": 1e-3,  # (old name: lr)
     "weight_decay": 0.0,
-    "grad_clip_norm": 1.0,
-    "eval_every": 1000,  # validation (model selection) and a checkpoint every this many steps
+    "max_grad_norm": 1.0,  # (old name: grad_clip_norm)
+    "eval_every": 1000,  # validation (model selection) every this many steps
     "log_every": 100,
+    "checkpoint_every": 1000,
     "seed": 42,
     # pretraining of the small digits backbone (model_name_or_path: null); ignored otherwise
     "pretrain_steps": 300,
@@ -92,63 +104,49 @@ DEFAULTS = {
     # output
     "output_dir": "runs/domainnet",
     "report_to": "tensorboard",  # an Accelerate tracker ("tensorboard", "wandb", "all", ...) or "none"
-    "keep_checkpoints": 2,  # most recent checkpoints kept in <output_dir>/checkpoints
+    "checkpoints_total_limit": 2,  # most recent checkpoints kept in <output_dir>/checkpoints (old name: keep_checkpoints)
     "resume_from_checkpoint": None,  # a checkpoint folder, or "latest"
+    "overwrite_output_dir": False,  # start afresh in a folder that holds an earlier run (removes only its checkpoints)
     "push_to_hub": False,
     "hub_model_id": None,
 }
 
-# The authors' README runs SMEAR and top-k with expert dropout 0.1 and every other method without it.
-PAPER_EXPERT_DROPOUT = {"smear": 0.1, "top_k": 0.1}
-
-
-def read_config_file(path):
-    """A YAML file of DEFAULTS keys. A one-level section ``pretrain: {steps: 300}`` sets ``pretrain_steps``."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}_{inner}": inner_value for inner, inner_value in value.items()})
-        else:
-            flat[key] = value
-    unknown = sorted(set(flat) - set(DEFAULTS))
-    if unknown:
-        raise SystemExit(f"{path}: unknown keys {unknown}; the keys are those of DEFAULTS in {__file__}.")
-    # YAML reads 1e-3 (no dot) as a string: give numbers the type of their default.
-    return {k: float(v) if isinstance(DEFAULTS[k], float) and v is not None else v for k, v in flat.items()}
+# Rules of this script's own numeric knobs (those shared with glue.py are in smear_peft.scripts.RULES).
+RULES = {
+    "image_size": positive, "dataloader_num_workers": non_negative, "bottleneck_size": positive,
+    "gumbel_anneal_rate": non_negative, "gumbel_anneal_every": positive, "pretrain_steps": positive,
+    "pretrain_lr": positive, "pretrain_batch_size": positive, "pretrain_embedding_size": positive,
+}
 
 
 def parse_config(argv=None):
-    """Defaults, then ``--config FILE.yaml``, then the command line."""
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config")
-    config_file = config_parser.parse_known_args(argv)[0].config
-    values = {**DEFAULTS, **(read_config_file(config_file) if config_file else {})}
+    """Defaults, then ``--config FILE.yaml`` (a section ``pretrain: {steps: 300}`` sets ``pretrain_steps``), then the
+    command line. Returns the settings as attributes."""
+    config = parse_settings(DEFAULTS, argv, __doc__, RULES, prog="domainnet.py")
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of DEFAULTS keys; command-line flags override it")
-    for key, default in DEFAULTS.items():
-        if isinstance(default, bool):
-            options = {"type": lambda text: text.lower() in ("1", "true", "yes"), "nargs": "?", "const": True}
-        elif isinstance(default, list):
-            options = {"type": type(default[0]), "nargs": "+"}
-        elif default is None:  # strings, numbers or null, read like YAML values
-            options = {"type": yaml.safe_load}
-        else:
-            options = {"type": type(default)}
-        parser.add_argument(f"--{key}", default=values[key], help=f"(default: {values[key]})", **options)
-    args = parser.parse_args(argv)
-    if args.routing not in ROUTING_METHODS:
-        parser.error(f"--routing must be one of {', '.join(ROUTING_METHODS)}, got {args.routing!r}.")
-    if args.expert_dropout is None:
-        args.expert_dropout = PAPER_EXPERT_DROPOUT.get(args.routing, 0.0)
-    if args.dataset == "domainnet" and (args.data_dir is None) == (args.hub_dataset_id is None):
-        parser.error("--dataset domainnet needs exactly one of --data_dir (official layout) or --hub_dataset_id.")
-    if args.model_name_or_path is None and args.dataset != "digits":
-        parser.error("--model_name_or_path is required: only the digits backbone can be pretrained by this script.")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id.")
-    return args
+    def error(message):
+        usage_error(message, "domainnet.py")
+
+    if config["routing"] not in ROUTING_METHODS:
+        error(f"--routing must be one of {', '.join(ROUTING_METHODS)}, got {config['routing']!r}.")
+    if config["expert_dropout"] is None:
+        config["expert_dropout"] = authors_expert_dropout(config["routing"])
+    if config["dataset"] not in ("domainnet", "digits"):
+        error(f"--dataset must be domainnet or digits, got {config['dataset']!r}.")
+    if config["dataset"] == "domainnet" and (config["data_dir"] is None) == (config["hub_dataset_id"] is None):
+        error("--dataset domainnet needs exactly one of --data_dir (official layout) or --hub_dataset_id.")
+    if config["model_name_or_path"] is None and config["dataset"] != "digits":
+        error("--model_name_or_path is required: only the digits backbone can be pretrained by this script.")
+    if config["push_to_hub"] and not config["hub_model_id"]:
+        error("--push_to_hub needs --hub_model_id.")
+    if config["monolithic_params"] not in ("compute", "params"):
+        error(f"--monolithic_params must be compute or params, got {config['monolithic_params']!r}.")
+    if config["batch_norm_statistics"] not in ("update", "frozen"):
+        error(f"--batch_norm_statistics must be update or frozen, got {config['batch_norm_statistics']!r}.")
+    for key in ("pretrain_hidden_sizes", "pretrain_depths"):
+        if not all(isinstance(v, int) and v > 0 for v in config[key]):
+            error(f"--{key} must be a list of positive integers, got {config[key]!r}.")
+    return argparse.Namespace(**config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,6 +184,16 @@ def collate(examples):
     batch = collate_routed_images(examples)
     batch["routing_keys"] = torch.tensor([example["routing_keys"] for example in examples])
     return batch
+
+
+def training_loader(dataset, batch_size, args):
+    """Shuffled batches of ``dataset``; an epoch ends with its last, partial batch, as the authors' loader (no
+    ``drop_last``). The loader's own generator (not the global one) seeds its workers, so iterating it never shifts
+    the global random stream that expert dropout and sampled routing draw from: resuming stays exact."""
+    return DataLoader(
+        WithExampleIndex(dataset), batch_size=batch_size, shuffle=True, drop_last=False, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def train_batches(accelerator, loader, start_step):
@@ -313,7 +321,7 @@ class TrainingState:
 
     def __init__(self):
         self.step = 0
-        self.best_accuracy = -1.0
+        self.best_accuracy = 0.0  # rounded to 4 decimals, as the authors'
         self.best_step = 0
         self.best_validation = None
         self.best_adapter = None
@@ -325,25 +333,10 @@ class TrainingState:
         vars(self).update(state)
 
 
-def checkpoint_step(path):
-    return int(path.name.removeprefix("step_"))
-
-
-def save_checkpoint(accelerator, output_dir, step, keep):
-    checkpoints = output_dir / "checkpoints"
-    accelerator.save_state(checkpoints / f"step_{step}")
-    if accelerator.is_main_process:
-        for old in sorted(checkpoints.glob("step_*"), key=checkpoint_step)[:-keep]:
-            shutil.rmtree(old)
-
-
-def find_checkpoint(output_dir, name):
-    """The checkpoint folder to resume from: ``name`` itself, the newest under ``output_dir`` for "latest" (``None``
-    when there is none yet, so that a job can always be launched with "latest"), or ``None``."""
-    if name != "latest":
-        return name and Path(name)
-    found = sorted((output_dir / "checkpoints").glob("step_*"), key=checkpoint_step)
-    return found[-1] if found else None
+def is_new_best(accuracy, best_accuracy):
+    """The authors' model selection: validation accuracy rounded to 4 decimals (their Scorer), strictly better than
+    the best so far (which starts at 0)."""
+    return round(accuracy, 4) > best_accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,6 +344,9 @@ def find_checkpoint(output_dir, name):
 
 def main(argv=None):
     args = parse_config(argv)
+    # The checkpoint to resume from, or None; a fresh start in a folder holding an earlier run stops here (exit 2)
+    # unless --overwrite_output_dir. Nothing has been written yet.
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     transformers_logging.set_verbosity_error()  # the load report would list the new head as "missing": it is meant to be
     transformers_logging.disable_progress_bar()
     output_dir = Path(args.output_dir)
@@ -373,20 +369,11 @@ def main(argv=None):
         f"images, {splits.num_labels} classes, domains {', '.join(domain_names)}"
     )
     if args.batch_size % accelerator.num_processes:
-        raise SystemExit(
-            f"--batch_size {args.batch_size} must be divisible by the {accelerator.num_processes} processes."
-        )
+        usage_error(f"--batch_size {args.batch_size} must be divisible by the {accelerator.num_processes} processes.")
+    if args.batch_size > len(splits.train):
+        usage_error(f"--batch_size {args.batch_size} is larger than the {len(splits.train)} training images.")
     loader_options = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
-    train_loader = DataLoader(
-        WithExampleIndex(splits.train),
-        batch_size=args.batch_size // accelerator.num_processes,
-        shuffle=True,
-        drop_last=True,
-        # The loader's own generator (not the global one) seeds its workers, so iterating it never shifts the global
-        # random stream that expert dropout and sampled routing draw from: resuming stays exact.
-        generator=torch.Generator().manual_seed(args.seed),
-        **loader_options,
-    )
+    train_loader = training_loader(splits.train, args.batch_size // accelerator.num_processes, args)
     validation_loader = DataLoader(
         WithExampleIndex(splits.validation), batch_size=args.eval_batch_size, **loader_options
     )
@@ -422,7 +409,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)  # constant lr, as the authors
+    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)  # constant lr, as the authors
 
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, test_loader
@@ -430,19 +417,12 @@ def main(argv=None):
     peft_model = accelerator.unwrap_model(model)
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
-    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        load_checkpoint(accelerator, checkpoint)
         say(f"Resumed from {checkpoint} at step {state.step} (best validation so far {state.best_accuracy:.4f})")
-    elif (output_dir / "checkpoints").exists():
-        # A new run owns its output_dir: an earlier run's checkpoints there would pass for this run's.
-        say(
-            f"Starting afresh: removing the checkpoints of an earlier run in {output_dir} (--resume_from_checkpoint "
-            "latest resumes instead)"
-        )
-        if accelerator.is_main_process:
-            shutil.rmtree(output_dir / "checkpoints")
-        accelerator.wait_for_everyone()
+    # Mark the folder as this run's (a fresh start first removes the earlier run's own checkpoints, nothing else).
+    start_run(output_dir, "domainnet.py", accelerator.is_main_process, fresh=checkpoint is None)
+    accelerator.wait_for_everyone()
 
     hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
     accelerator.init_trackers("smear_domainnet", config=hyperparameters)
@@ -468,7 +448,7 @@ def main(argv=None):
         task_loss = example_losses.mean()
         loss = task_loss + reinforce_loss(outputs, example_losses)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, args.grad_clip_norm)
+        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -493,9 +473,9 @@ def main(argv=None):
                 },
                 step=state.step,
             )
-            if validation["accuracy"] > state.best_accuracy:  # the authors select on accuracy over all examples
+            if is_new_best(validation["accuracy"], state.best_accuracy):  # accuracy over all examples, as theirs
                 state.best_accuracy, state.best_step, state.best_validation = (
-                    validation["accuracy"],
+                    round(validation["accuracy"], 4),
                     state.step,
                     validation,
                 )
@@ -504,12 +484,18 @@ def main(argv=None):
                 f"step {state.step}: validation accuracy {validation['accuracy']:.4f} "
                 f"(best {state.best_accuracy:.4f} at step {state.best_step})"
             )
-            save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+        if state.step % args.checkpoint_every == 0:
+            save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
     # -- test the best-validation adapter, save it -----------------------------------------------------------------------
-    set_peft_model_state_dict(peft_model, state.best_adapter)
+    if state.best_adapter is None:  # no validation accuracy above 0 (the authors' run would find no best_model.pt)
+        say("No validation accuracy above 0.0000: testing the last weights.")
+        state.best_step = state.step
+        state.best_validation, _ = evaluate(accelerator, model, validation_loader, domain_names)
+    else:
+        set_peft_model_state_dict(peft_model, state.best_adapter)
     test, inference_seconds = evaluate(accelerator, model, test_loader, domain_names)
     say(
         f"\nBest validation step {state.best_step} of {args.max_steps}; routing {args.routing}; "

@@ -20,18 +20,18 @@ Usage:
         --config examples/configs/glue_tiny.yaml --output_dir runs/tiny
 
 Every key of DEFAULTS below can be set in the YAML file given by --config and overridden on the command line
-(``--key value``; lists and dicts as YAML, e.g. ``--tasks "[rte, mnli]"``). Outputs in --output_dir: the adapter
-(``PeftModel.from_pretrained(base, output_dir)`` after ``import smear_peft``), config.yaml, metrics.json,
-checkpoints/ and tracker logs.
+(``--key value``; lists and dicts as YAML, e.g. ``--tasks "[rte, mnli]"``); mistakes stop the script with exit code
+2 before it writes anything (smear_peft/scripts.py). Outputs in --output_dir: the adapter (``PeftModel.from_pretrained
+(base, output_dir)`` after ``import smear_peft``; with --authors_backbone, first ``apply_authors_backbone(base,
+weights_dir=output_dir)``), config.yaml, metrics.json, checkpoints/ and tracker logs. The script never deletes a file
+it did not write: starting afresh in a folder that holds an earlier run needs --overwrite_output_dir.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections import defaultdict
 
@@ -46,7 +46,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
-from smear_peft import SmearConfig
+from smear_peft import ROUTING_METHODS, SmearConfig
+from smear_peft.authors_t5 import apply_authors_backbone, save_authors_backbone
 from smear_peft.data.glue import (
     GLUE_TASKS,
     ExamplesProportionalSampler,
@@ -58,6 +59,18 @@ from smear_peft.data.glue_synthetic import synthetic_glue
 from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
 from smear_peft.losses import per_example_seq2seq_loss, reinforce_loss
 from smear_peft.metrics import TASK_METRICS, load_glue_metric
+from smear_peft.recipes import authors_expert_dropout
+from smear_peft.scripts import (
+    load_checkpoint,
+    non_negative,
+    parse_settings,
+    positive,
+    probability,
+    resolve_checkpoint,
+    save_checkpoint,
+    start_run,
+    usage_error,
+)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Settings. Defaults are the authors' T5-GLUE settings (r-three/smear, hyperformer/configs/adapter/*.json + README).
@@ -66,6 +79,7 @@ DEFAULTS = dict(
     model_name_or_path="google/t5-v1_1-base",
     model_config=None,  # dict of T5Config fields: build a randomly initialised T5 instead of loading one (offline)
     tokenizer=None,  # None: the model's own tokenizer; "byt5": ByT5's byte-level tokenizer, which needs no files
+    authors_backbone=True,  # the authors' T5 fork: decoder output x d_model**-0.5, cross-attention bias (authors_t5)
     # routing blocks (smear_peft.SmearConfig)
     routing="smear",  # smear, top_k, st_gumbel, reinforce, tag, hash, monolithic, ensemble
     num_experts=8,
@@ -93,72 +107,42 @@ DEFAULTS = dict(
     loss_reduction="sum",  # sum: the authors' sum over target tokens; mean: token mean (a deviation)
     mixed_precision="auto",  # auto: bf16 on GPUs that support it, else fp32; or no, fp16, bf16
     seed=42,
+    sampler_seed=0,  # the training sampler draws epoch e with seed sampler_seed + e (authors: 0 + e)
     # evaluation, logging, checkpoints
     eval_every=5000,  # validation (the authors evaluate and save every 5000 steps)
     validation_examples_per_task=500,  # a fixed random sample of each task's validation split (None: all)
-    eval_batch_size=128,  # per device
+    eval_batch_size=128,  # per device; every batch holds one task, as the authors' per-task loaders
     log_every=100,
     checkpoint_every=5000,
     checkpoints_total_limit=2,  # keep the newest N (a checkpoint holds the whole model and the optimizer)
     output_dir="runs/glue",
     resume_from_checkpoint=None,  # a checkpoint folder, or "latest" (the newest under output_dir/checkpoints)
+    overwrite_output_dir=False,  # start afresh in a folder that holds an earlier run (removes only its checkpoints)
     report_to="tensorboard",  # any Accelerate tracker(s), comma-separated, or "none"
     push_to_hub=False,
     hub_model_id=None,
 )
-# The authors' README runs these methods with expert dropout 0.1 and every other one without it.
-EXPERT_DROPOUT = {"smear": 0.1, "top_k": 0.1}
+# Rules of this script's own numeric knobs (those shared with domainnet.py are in smear_peft.scripts.RULES).
+RULES = dict(
+    max_source_length=positive, max_target_length=positive, adam_epsilon=positive, warmup_steps=non_negative,
+    label_smoothing=probability, large_task_validation_size=non_negative, validation_examples_per_task=positive,
+)
 
 
 def parse_config(argv: list[str] | None = None) -> dict:
     """DEFAULTS, updated by the YAML file of --config, updated by command-line flags (all share the same keys)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with any of the keys below")
-    for key, default in DEFAULTS.items():
-        if isinstance(default, bool):
-            kind = dict(nargs="?", const=True, type=_parse_bool)  # `--tag_plus` or `--tag_plus false`
-        elif isinstance(default, (int, float, str)):
-            kind = dict(type=type(default))
-        else:  # None, lists and dicts: parse the value as YAML
-            kind = dict(type=lambda text: _yaml_float(yaml.safe_load(text)))
-        parser.add_argument(f"--{key}", default=argparse.SUPPRESS, help=f"default: {default!r}", **kind)
-    args = vars(parser.parse_args(argv))
-    config = dict(DEFAULTS)
-    path = args.pop("config", None)
-    if path:
-        with open(path) as f:
-            from_file = yaml.safe_load(f) or {}
-        unknown = sorted(set(from_file) - set(DEFAULTS))
-        if unknown:
-            parser.error(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
-        config.update({k: _yaml_float(v) if DEFAULTS[k] is None or isinstance(DEFAULTS[k], float) else v
-                       for k, v in from_file.items()})
-    config.update(args)
+    config = parse_settings(DEFAULTS, argv, __doc__, RULES, prog="glue.py")
+    if config["routing"] not in ROUTING_METHODS:
+        usage_error(f"--routing must be one of {', '.join(ROUTING_METHODS)}, got {config['routing']!r}", "glue.py")
     if config["loss_reduction"] not in ("sum", "mean"):
-        parser.error(f"loss_reduction must be 'sum' or 'mean', got {config['loss_reduction']!r}")
+        usage_error(f"loss_reduction must be 'sum' or 'mean', got {config['loss_reduction']!r}", "glue.py")
     if config["tag_plus"] and config["routing"] != "tag":
-        parser.error("--tag_plus is a variant of tag routing: add --routing tag")
+        usage_error("--tag_plus is a variant of tag routing: add --routing tag", "glue.py")
     if config["push_to_hub"] and not config["hub_model_id"]:
-        parser.error("--push_to_hub needs --hub_model_id user/name")
+        usage_error("--push_to_hub needs --hub_model_id user/name", "glue.py")
+    if config["mixed_precision"] not in ("auto", "no", "fp16", "bf16"):
+        usage_error(f"--mixed_precision must be auto, no, fp16 or bf16, got {config['mixed_precision']!r}", "glue.py")
     return config
-
-
-def _yaml_float(value):
-    """YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`): read it as the number it is."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -169,13 +153,26 @@ def build_tokenizer(config: dict):
     return AutoTokenizer.from_pretrained(config["tokenizer"] or config["model_name_or_path"])
 
 
-def build_base_model(config: dict):
+def build_base_model(config: dict, authors_weights_dir: str | None = None):
     """The frozen backbone. A model built from `model_config` is seeded, so the saved adapter can be reloaded onto
-    the same random weights (the adapter holds only the routing blocks and the layer norms)."""
+    the same random weights (the adapter holds only the routing blocks and the layer norms).
+
+    With `authors_backbone`, the authors' T5 fork (smear_peft/authors_t5.py): decoder output scaled by
+    d_model**-0.5 before the head, and decoder block 0's cross-attention position bias, frozen, taken from
+    `authors_weights_dir` (a finished run's output_dir) when given, else from the checkpoint, else drawn N(0, 1)."""
     if config["model_config"] is not None:
         torch.manual_seed(config["seed"])
-        return T5ForConditionalGeneration(T5Config(**config["model_config"]))
-    return AutoModelForSeq2SeqLM.from_pretrained(config["model_name_or_path"])
+        model = T5ForConditionalGeneration(T5Config(**config["model_config"]))
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(config["model_name_or_path"])
+    if config["authors_backbone"]:
+        model.authors_bias_source = apply_authors_backbone(
+            model,
+            model_name_or_path=None if config["model_config"] is not None else config["model_name_or_path"],
+            weights_dir=authors_weights_dir,
+            generator=torch.Generator().manual_seed(config["seed"]),
+        )
+    return model
 
 
 def build_smear_config(config: dict) -> SmearConfig:
@@ -189,7 +186,7 @@ def build_smear_config(config: dict) -> SmearConfig:
     return SmearConfig(
         routing=routing,
         num_experts=config["num_experts"],
-        expert_dropout=EXPERT_DROPOUT.get(routing, 0.0) if dropout is None else dropout,
+        expert_dropout=authors_expert_dropout(routing) if dropout is None else dropout,
         **extra,
     )
 
@@ -243,7 +240,7 @@ def sample_per_task(rows: datasets.Dataset, per_task: int | None, seed: int) -> 
 
 
 def answer_lengths(rows: datasets.Dataset, tokenizer) -> dict[str, int]:
-    """Per task, the longest possible answer in tokens (with </s>): the authors' generation max length. Answers are
+    """Per task, the longest possible answer in tokens (with </s>): the authors' generation `max_length`. Answers are
     the templates' answer choices; STS-B has none, its answers are scores like "3.8", whose length the split's
     targets give."""
     answers = defaultdict(set)
@@ -252,31 +249,48 @@ def answer_lengths(rows: datasets.Dataset, tokenizer) -> dict[str, int]:
     return {task: max(len(tokenizer(text).input_ids) for text in texts) for task, texts in answers.items()}
 
 
+def new_token_budget(max_length: int) -> int:
+    """transformers 3.5's `generate(max_length=L)` on an encoder-decoder counts the decoder start token, so it makes at
+    most L - 1 new tokens: the authors' budget, as `max_new_tokens`."""
+    return max_length - 1
+
+
+def per_task_loaders(rows: datasets.Dataset, batch_size: int, collator) -> dict[str, DataLoader]:
+    """One loader per task, as the authors evaluate: a batch never mixes tasks, so padding (and routing with
+    pooling="mean", which averages over it) is theirs."""
+    by_task = defaultdict(list)
+    for index, task in enumerate(rows["task"]):
+        by_task[task].append(index)
+    return {task: DataLoader(rows.select(indices), batch_size=batch_size, collate_fn=collator)
+            for task, indices in by_task.items()}
+
+
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, accelerator, max_answer_tokens: dict[str, int]) -> dict:
-    """Greedy generation on every process, gathered: the GLUE metrics of the rows, their two averages, and the time
-    spent in `generate` (what the authors time; the slowest process when there are several)."""
+def evaluate(model, loaders: dict, tokenizer, accelerator, max_answer_tokens: dict[str, int]) -> dict:
+    """Greedy generation on every process, task by task, gathered: the GLUE metrics of the rows, their two averages,
+    and the time spent in `generate` (what the authors time; the slowest process when there are several)."""
     peft_model = accelerator.unwrap_model(model)
     was_training = peft_model.training
     peft_model.eval()
     rows, seconds = [], 0.0
-    for batch in loader:
-        start = time.perf_counter()
-        with accelerator.autocast():
-            generated = peft_model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                routing_tags=batch["routing_tags"],
-                routing_keys=batch["routing_keys"],
-                max_new_tokens=max(max_answer_tokens[task] for task in batch["task"]),
-                do_sample=False,
-                num_beams=1,
-            )
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        predictions = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        rows += accelerator.gather_for_metrics(list(zip(predictions, batch["target_text"], batch["task"])))
+    for task, loader in loaders.items():
+        for batch in loader:
+            start = time.perf_counter()
+            with accelerator.autocast():
+                generated = peft_model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    routing_tags=batch["routing_tags"],
+                    routing_keys=batch["routing_keys"],
+                    max_new_tokens=new_token_budget(max_answer_tokens[task]),
+                    do_sample=False,
+                    num_beams=1,
+                )
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            predictions = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            rows += accelerator.gather_for_metrics(list(zip(predictions, batch["target_text"], batch["task"])))
     peft_model.train(was_training)
     predictions, references, tasks = zip(*rows)
     scores = load_glue_metric().compute(predictions=predictions, references=references, tasks=tasks)
@@ -298,19 +312,13 @@ def metrics_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def checkpoint_dirs(output_dir: str) -> list[str]:
-    """Checkpoint folders under output_dir/checkpoints, oldest first."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = [name for name in os.listdir(root) if name.startswith("checkpoint-")]
-    return [os.path.join(root, name) for name in sorted(names, key=lambda name: int(name.split("-")[1]))]
-
-
 # -----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     output_dir = config["output_dir"]
+    # The checkpoint to resume from, or None; a fresh start in a folder holding an earlier run stops here (exit 2)
+    # unless --overwrite_output_dir. Nothing has been written yet.
+    checkpoint = resolve_checkpoint(output_dir, config["resume_from_checkpoint"], config["overwrite_output_dir"])
 
     # -- processes, precision, batch arithmetic -------------------------------------------------------------------
     mixed_precision = config["mixed_precision"]
@@ -328,10 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     processes = accelerator.num_processes
     per_device_batch_size = config["per_device_batch_size"] or config["batch_size"] // processes
     accumulation = config["batch_size"] // (per_device_batch_size * processes)
-    if per_device_batch_size * processes * accumulation != config["batch_size"]:
-        raise SystemExit(
+    if accumulation < 1 or per_device_batch_size * processes * accumulation != config["batch_size"]:
+        usage_error(
             f"batch_size={config['batch_size']} must equal per_device_batch_size ({per_device_batch_size}) x "
-            f"processes ({processes}) x gradient accumulation steps; pick a per_device_batch_size that divides it."
+            f"processes ({processes}) x gradient accumulation steps; pick a per_device_batch_size that divides it.",
+            "glue.py",
         )
     set_seed(config["seed"])
 
@@ -341,13 +350,18 @@ def main(argv: list[str] | None = None) -> None:
     smear = model.base_model  # the SMEAR tuner: REINFORCE's auxiliary loss and ST-Gumbel's temperature live here
     if accelerator.is_main_process:
         model.print_trainable_parameters()
+        if config["authors_backbone"]:
+            print(f"Authors' backbone: cross-attention position bias {smear.model.authors_bias_source}")
 
     # -- data -------------------------------------------------------------------------------------------------------
     # The authors' splits (validation carved out of train or of the official validation split, see
     # smear_peft.data.glue), mixed in proportion to the tasks' sizes: batches are uniform draws with replacement
     # over all training rows, an "epoch" being (rows // batch_size) steps.
     raw = load_glue(config)
-    steps_per_epoch = len(build_split(config, raw, "train")) // config["batch_size"]
+    train_rows = len(build_split(config, raw, "train"))
+    steps_per_epoch = train_rows // config["batch_size"]
+    if steps_per_epoch == 0:
+        usage_error(f"--batch_size {config['batch_size']} is larger than the {train_rows} training rows", "glue.py")
     train_collator = GlueSeq2SeqCollator(tokenizer, config["max_source_length"], config["max_target_length"])
 
     def train_batches(first_step: int):
@@ -361,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch, step_in_epoch = divmod(first_step, steps_per_epoch)
         while True:
             rows = build_split(config, raw, "train", template_seed=config["seed"] + epoch)
-            sampler = ExamplesProportionalSampler(len(rows), seed=config["seed"])
+            sampler = ExamplesProportionalSampler(len(rows), seed=config["sampler_seed"])
             sampler.set_epoch(epoch)
             batches = list(BatchSampler(sampler, per_device_batch_size, drop_last=True))
             mine = batches[accelerator.process_index :: processes][: steps_per_epoch * accumulation]
@@ -382,12 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     validation_rows = build_split(config, raw, "validation")
     validation_rows = sample_per_task(validation_rows, config["validation_examples_per_task"], config["seed"])
     test_rows = build_split(config, raw, "test")
-    validation_loader = DataLoader(validation_rows, batch_size=config["eval_batch_size"], collate_fn=eval_collator)
-    test_loader = DataLoader(test_rows, batch_size=config["eval_batch_size"], collate_fn=eval_collator)
+    validation_loaders = per_task_loaders(validation_rows, config["eval_batch_size"], eval_collator)
+    test_loaders = per_task_loaders(test_rows, config["eval_batch_size"], eval_collator)
     validation_answer_lengths = answer_lengths(validation_rows, tokenizer)
     test_answer_lengths = answer_lengths(test_rows, tokenizer)
 
     # -- optimiser: AdamW 3e-4, no weight decay, 2k warmup steps then constant (authors) -----------------------------
+    # (torch's AdamW adds epsilon after bias correction, transformers 3.5's before: see docs/index.md#deviations...)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config["learning_rate"],
@@ -395,28 +410,21 @@ def main(argv: list[str] | None = None) -> None:
         eps=config["adam_epsilon"],
     )
     scheduler = transformers.get_constant_schedule_with_warmup(optimizer, config["warmup_steps"])
-    model, optimizer, scheduler, validation_loader, test_loader = accelerator.prepare(
-        model, optimizer, scheduler, validation_loader, test_loader
-    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    validation_loaders = {task: accelerator.prepare(loader) for task, loader in validation_loaders.items()}
+    test_loaders = {task: accelerator.prepare(loader) for task, loader in test_loaders.items()}
 
     # -- resume: model (with ST-Gumbel's temperature buffer), optimizer, scheduler and every process's RNG states ----
     start_step = 0
-    checkpoint = config["resume_from_checkpoint"]
-    if checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
-        checkpoint = found[-1] if found else None
-        if checkpoint is None:
-            accelerator.print(f"No checkpoint under {output_dir}/checkpoints: starting from scratch.")
     if checkpoint:
-        accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, "training_state.json")) as f:
-            start_step = json.load(f)["step"]
+        start_step = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"Resumed from {checkpoint} at step {start_step}.")
-
+    # Mark the folder as this run's (a fresh start first removes the earlier run's own checkpoints, nothing else).
+    start_run(output_dir, "glue.py", accelerator.is_main_process, fresh=checkpoint is None)
     if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
+    accelerator.wait_for_everyone()
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     accelerator.init_trackers("glue", config=hparams)
 
@@ -477,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens.zero_()
 
         if done % config["eval_every"] == 0 or done == config["max_steps"]:
-            validation = evaluate(model, validation_loader, tokenizer, accelerator, validation_answer_lengths)
+            validation = evaluate(model, validation_loaders, tokenizer, accelerator, validation_answer_lengths)
             accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
             accelerator.print(
                 f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
@@ -485,19 +493,12 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         if done % config["checkpoint_every"] == 0:
-            checkpoint = os.path.join(output_dir, "checkpoints", f"checkpoint-{done}")
-            accelerator.save_state(checkpoint)
-            if accelerator.is_main_process:
-                with open(os.path.join(checkpoint, "training_state.json"), "w") as f:
-                    json.dump({"step": done}, f)
-                for old in checkpoint_dirs(output_dir)[: -config["checkpoints_total_limit"]]:
-                    shutil.rmtree(old)
-            accelerator.wait_for_everyone()
+            save_checkpoint(accelerator, output_dir, done, config["checkpoints_total_limit"])
     train_seconds = time.perf_counter() - started
 
     # -- test: every example under every template, greedy generation ------------------------------------------------
     # The authors test the weights at the end of training (their best-checkpoint reload is commented out).
-    test = evaluate(model, test_loader, tokenizer, accelerator, test_answer_lengths)
+    test = evaluate(model, test_loaders, tokenizer, accelerator, test_answer_lengths)
     accelerator.log({f"test/{k}": v for k, v in test.items()}, step=config["max_steps"])
     accelerator.print(metrics_table(test))
 
@@ -505,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
         peft_model.save_pretrained(output_dir)
+        if config["authors_backbone"]:  # the frozen cross-attention bias, needed to reload the adapter exactly
+            save_authors_backbone(peft_model, output_dir)
         metrics = {
             "step": config["max_steps"],
             "routing": config["routing"] + ("+" if config["tag_plus"] else ""),
@@ -517,6 +520,11 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"Adapter and metrics.json saved in {output_dir}")
         if config["push_to_hub"]:
             peft_model.push_to_hub(config["hub_model_id"])  # uploads the adapter with a SMEAR model card
+            if config["authors_backbone"]:  # and the frozen cross-attention bias the adapter was trained with
+                from huggingface_hub import upload_file
+
+                upload_file(path_or_fileobj=os.path.join(output_dir, "authors_backbone.safetensors"),
+                            path_in_repo="authors_backbone.safetensors", repo_id=config["hub_model_id"])
     accelerator.end_training()
 
 

@@ -54,6 +54,7 @@ class ArchitecturePreset:
         hidden_size: Function ``(parent, target) -> channels`` for targets whose width `infer_layout` cannot read
             (``parent`` is the module holding the target).
         flattened_outputs: Insertion points (names, as in ``targets``) whose output is ``[batch * positions, C]``.
+        gumbel_schedule: Default of ``SmearConfig.gumbel_schedule`` (the authors' loop for this family).
     """
 
     model_types: tuple[str, ...]
@@ -66,6 +67,7 @@ class ArchitecturePreset:
     bottleneck_size: int | None = None
     hidden_size: Callable[[nn.Module, nn.Module], int] | None = field(default=None, compare=False)
     flattened_outputs: tuple[tuple[str, ...], ...] = ()
+    gumbel_schedule: str = "t5"
 
     def __post_init__(self) -> None:
         if self.position not in ("output", "input"):
@@ -109,6 +111,8 @@ class ArchitecturePreset:
         if config.train_layer_norms and self.layer_norms:
             current = list(config.modules_to_save or [])
             config.modules_to_save = current + [m for m in self.layer_norms if m not in current]
+        if config.gumbel_schedule is None:
+            config.gumbel_schedule = self.gumbel_schedule
         default_reduction = type(config).__dataclass_fields__["reduction_factor"].default
         if self.bottleneck_size and config.bottleneck_size is None and config.reduction_factor == default_reduction:
             config.bottleneck_size = self.bottleneck_size
@@ -201,6 +205,7 @@ RESNET_PRESET = ArchitecturePreset(
     input_norm="batch_norm",
     bottleneck_size=32,
     hidden_size=_resnet_layer_channels,
+    gumbel_schedule="resnet",  # the authors' DomainNet loop applies each update one step later than their T5 trainer
 )
 
 #: Whisper: BART-like encoder-decoder layers (``self_attn`` / ``encoder_attn`` return the attention output before

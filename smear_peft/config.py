@@ -77,6 +77,9 @@ class SmearConfig(PeftConfig):
         gumbel_anneal_rate: Rate r of ``tau = max(tau * exp(-r * step), min)`` applied every ``gumbel_anneal_every``
             steps (T5: 1e-6 every 5000 steps; ResNet: 1e-4 every 1000 steps).
         gumbel_anneal_every: Interval, in training steps, of the temperature update.
+        gumbel_schedule: When each update takes effect, as in the authors' two loops: ``t5`` (their trainer: from the
+            step before the k-th interval ends) or ``resnet`` (their DomainNet loop: from the step after). ``None``
+            takes the preset's (ResNet: ``resnet``; others: ``t5``).
         reinforce_policy_weight: Weight of the REINFORCE policy-gradient term.
         reinforce_entropy_weight: Weight of the entropy term (added to the loss, as in the authors' code).
         reinforce_value_weight: Weight of the baseline's Huber regression term.
@@ -128,6 +131,9 @@ class SmearConfig(PeftConfig):
     gumbel_min_temperature: float = field(default=0.5, metadata={"help": "Minimum Gumbel-softmax temperature."})
     gumbel_anneal_rate: float = field(default=1e-6, metadata={"help": "Temperature anneal rate."})
     gumbel_anneal_every: int = field(default=5000, metadata={"help": "Steps between temperature updates."})
+    gumbel_schedule: Optional[Literal["t5", "resnet"]] = field(
+        default=None, metadata={"help": "When an update takes effect: the authors' T5 trainer or ResNet loop (preset)."}
+    )
     reinforce_policy_weight: float = field(default=1e-2, metadata={"help": "REINFORCE policy loss weight."})
     reinforce_entropy_weight: float = field(default=5e-4, metadata={"help": "REINFORCE entropy term weight."})
     reinforce_value_weight: float = field(default=1e-2, metadata={"help": "REINFORCE baseline loss weight."})
@@ -200,6 +206,8 @@ class SmearConfig(PeftConfig):
             _fail("gumbel_temperature", "need 0 < gumbel_min_temperature <= gumbel_temperature.")
         if self.gumbel_anneal_rate < 0 or self.gumbel_anneal_every < 1:
             _fail("gumbel_anneal_rate", "need gumbel_anneal_rate >= 0 and gumbel_anneal_every >= 1.")
+        if self.gumbel_schedule not in (None, "t5", "resnet"):
+            _fail("gumbel_schedule", f"must be None, 't5' or 'resnet', got {self.gumbel_schedule!r}.")
         if self.monolithic_params not in ("compute", "params"):
             _fail("monolithic_params", f"must be 'compute' or 'params', got {self.monolithic_params!r}.")
         if self.tag_names is not None and len(set(self.tag_names)) != len(self.tag_names):

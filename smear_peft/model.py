@@ -395,7 +395,10 @@ class SmearModel(BaseTuner):
         keys = self.index_tensor(kwargs.pop("routing_keys", None), "routing_keys")
         mask = kwargs.pop("routing_mask", None)
         mask = None if mask is None else torch.as_tensor(mask).bool()
-        session = GenerationSession(reuse_experts=kwargs.pop("routing_cache", True))
+        outer = self.frames.current()
+        reuse = kwargs.pop("routing_cache", True)
+        # One session per generate call; a session opened around it (several calls sharing one) is kept.
+        session = outer.session if outer is not None and outer.session is not None else GenerationSession(reuse_experts=reuse)
         self._check_generation(kwargs)
         with self.frames.scope(tags=tags, keys=keys, routing_mask=mask, session=session):
             return generate(*args, **kwargs)

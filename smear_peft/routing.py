@@ -222,7 +222,10 @@ class StraightThroughGumbelRouting(RoutingMethod):
 
     def temperature_at(self, step: int) -> Optional[float]:
         c = self.config
-        return gumbel_temperature_at(step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every)
+        return gumbel_temperature_at(
+            step, c.gumbel_temperature, c.gumbel_min_temperature, c.gumbel_anneal_rate, c.gumbel_anneal_every,
+            c.gumbel_schedule or "t5",
+        )
 
     def bind_temperature(self, buffers, key: str) -> None:
         """Read the temperature from ``buffers[key]`` (the tuner's `BufferDict`)."""
@@ -247,14 +250,26 @@ class StraightThroughGumbelRouting(RoutingMethod):
         return RoutingDecision("select", index=index, weights=multiplier, probs=self.drop_probs(F.softmax(logits, -1), keep))
 
 
-def gumbel_temperature_at(step: int, initial: float, minimum: float, rate: float, every: int) -> float:
-    """The authors' ST-Gumbel schedule in closed form.
+def gumbel_temperature_at(
+    step: int, initial: float, minimum: float, rate: float, every: int, schedule: str = "t5"
+) -> float:
+    """The temperature the authors' training loops use at (0-based) training step ``step``, in closed form.
 
-    Every ``every`` steps they apply ``tau = max(tau * exp(-rate * step), minimum)``; after the updates at steps
-    ``every, 2*every, ..., k*every`` that is ``initial * exp(-rate * every * k (k + 1) / 2)``, floored at ``minimum``.
+    Both loops update ``tau = max(tau * exp(-rate * s), minimum)`` once per evaluation interval, compounding, with
+    ``s = k * every - 1`` for the k-th update; they differ in when the new value takes effect:
+
+    * ``"t5"`` (their Hugging Face trainer): the update runs before the step whose index is ``k * every - 1``
+      (``(global_step + 1) % eval_steps == 0``), so that step already uses it;
+    * ``"resnet"`` (their DomainNet loop): the update runs after that step, at evaluation, so step ``k * every``
+      is the first to use it.
+
+    After K updates ``tau = initial * exp(-rate * (every * K (K + 1) / 2 - K))``, floored at ``minimum``.
     """
-    updates = step // every
-    return max(initial * math.exp(-rate * every * updates * (updates + 1) / 2), minimum)
+    if schedule not in ("t5", "resnet"):
+        raise ValueError(f"schedule must be 't5' or 'resnet', got {schedule!r}")
+    updates = (step + 1) // every if schedule == "t5" else step // every
+    exponent = every * updates * (updates + 1) / 2 - updates
+    return max(initial * math.exp(-rate * exponent), minimum)
 
 
 @register_routing

@@ -108,23 +108,82 @@ def test_tag_plus_maps_rte_to_mnli_in_the_encoder_only():
     assert smear_config.tag_expert_table("decoder")[rte] == rte
 
 
+def test_evaluation_batches_hold_one_task_and_generate_the_authors_budget():
+    """The authors evaluate each task with its own loader and `generate(max_length=L)` (transformers 3.5: at most
+    L - 1 new tokens after the decoder start token), L = the task's longest answer in tokens with </s>."""
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    config = glue.parse_config(["--config", str(TINY), *SMALL_DATA, "--routing", "smear", "--tasks", "[rte, stsb]",
+                                "--smear_config", "{reduction_factor: 8, pooling: mean}"])
+    tokenizer = glue.build_tokenizer(config)
+    rows = glue.build_split(config, glue.load_glue(config), "test")
+    collator = glue.GlueSeq2SeqCollator(
+        tokenizer, config["max_source_length"], config["max_target_length"], include_text_fields=True
+    )
+    loaders = glue.per_task_loaders(rows, 7, collator)
+    lengths = glue.answer_lengths(rows, tokenizer)
+    for task in ("rte", "stsb"):
+        answers = {a for c, t in zip(rows["answer_choices"], rows["task"]) if t == task for a in (c or [])}
+        answers |= {a for a, t in zip(rows["target_text"], rows["task"]) if t == task}
+        assert lengths[task] == max(len(a.encode()) + 1 for a in answers)  # ByT5: one token per byte, plus </s>
+    assert glue.new_token_budget(5) == 4
+    model = get_peft_model(glue.build_base_model(config), glue.build_smear_config(config))
+    calls, original = [], model.generate
+
+    def generate(**kwargs):
+        output = original(**kwargs)
+        calls.append((kwargs, output))
+        return output
+
+    model.generate = generate
+    scores = glue.evaluate(model, loaders, tokenizer, Accelerator(cpu=True), lengths)
+    assert scores["rows"] == len(rows) and len(calls) == sum(len(loader) for loader in loaders.values())
+    for kwargs, output in calls:
+        tags = kwargs["routing_tags"].unique()
+        assert len(tags) == 1  # one task per batch
+        task = glue.GLUE_TASKS[tags.item()]
+        assert kwargs["max_new_tokens"] == lengths[task] - 1
+        assert output.shape[1] - 1 <= lengths[task] - 1  # after the decoder start token
+        # padded to the longest prompt of this task's batch only, as the authors' per-task loader
+        assert kwargs["attention_mask"].sum(1).max() == kwargs["input_ids"].shape[1]
+
+
+def test_authors_backbone_is_on_by_default_and_reloads_with_the_adapter(tmp_path):
+    config = glue.parse_config(["--config", str(TINY)])
+    assert config["authors_backbone"] and glue.parse_config(["--config", str(PAPER)])["authors_backbone"]
+    assert config["sampler_seed"] == 0  # the authors' MultiTaskBatchSampler: seed 0 + epoch
+    base = glue.build_base_model(config)
+    assert base.config.scale_decoder_outputs and base.authors_bias_source == "initialised"
+    plain = glue.build_base_model({**config, "authors_backbone": False})
+    assert not plain.config.scale_decoder_outputs
+    from smear_peft.authors_t5 import save_authors_backbone
+
+    save_authors_backbone(base, str(tmp_path))
+    with torch.no_grad():
+        base.decoder.block[0].layer[1].EncDecAttention.relative_attention_bias.weight.mul_(2)
+    reloaded = glue.build_base_model(config, authors_weights_dir=str(tmp_path))
+    assert reloaded.authors_bias_source == "weights_dir"
+    weight = reloaded.decoder.block[0].layer[1].EncDecAttention.relative_attention_bias.weight
+    assert torch.equal(weight * 2, base.decoder.block[0].layer[1].EncDecAttention.relative_attention_bias.weight)
+
+
 # -- end to end (slow) ------------------------------------------------------------------------------------------------
 def evaluate_saved_adapter(output_dir: Path) -> dict:
     """Re-runs the test evaluation in this process on the adapter the script saved."""
     import smear_peft  # noqa: F401  (registers SMEAR with PEFT)
     from accelerate import Accelerator
     from peft import PeftModel
-    from torch.utils.data import DataLoader
 
     config = yaml.safe_load((output_dir / "config.yaml").read_text())
-    model = PeftModel.from_pretrained(glue.build_base_model(config), str(output_dir))
+    model = PeftModel.from_pretrained(glue.build_base_model(config, authors_weights_dir=str(output_dir)), str(output_dir))
     tokenizer = glue.build_tokenizer(config)
     rows = glue.build_split(config, glue.load_glue(config), "test")
     collator = glue.GlueSeq2SeqCollator(
         tokenizer, config["max_source_length"], config["max_target_length"], include_text_fields=True
     )
-    loader = DataLoader(rows, batch_size=config["eval_batch_size"], collate_fn=collator)
-    return glue.evaluate(model, loader, tokenizer, Accelerator(cpu=True), glue.answer_lengths(rows, tokenizer))
+    loaders = glue.per_task_loaders(rows, config["eval_batch_size"], collator)
+    return glue.evaluate(model, loaders, tokenizer, Accelerator(cpu=True), glue.answer_lengths(rows, tokenizer))
 
 
 @pytest.mark.slow
