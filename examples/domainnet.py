@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
 from transformers.utils import logging as transformers_logging
 
-from smear_peft import ROUTING_METHODS, SmearConfig  # importing smear_peft registers the SMEAR method with PEFT
+import smear_peft  # registers the SMEAR method with PEFT
+from smear_peft import ROUTING_METHODS, SmearConfig
 from smear_peft.data.routed_images import collate_routed_images
 from smear_peft.losses import per_example_classification_loss, reinforce_loss
 from smear_peft.recipes import authors_expert_dropout
@@ -520,7 +521,7 @@ def main(argv=None):
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         say(f"Adapter and metrics.json saved in {output_dir}")
         if args.push_to_hub:
-            peft_model.push_to_hub(args.hub_model_id)
+            smear_peft.push_to_hub(peft_model, args.hub_model_id)  # the adapter with its SMEAR model card
             say(f"Pushed to https://huggingface.co/{args.hub_model_id}")
     accelerator.end_training()
 

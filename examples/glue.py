@@ -46,6 +46,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
+import smear_peft
 from smear_peft import ROUTING_METHODS, SmearConfig
 from smear_peft.authors_t5 import apply_authors_backbone, save_authors_backbone
 from smear_peft.data.glue import (
@@ -519,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(metrics, f, indent=2)
         accelerator.print(f"Adapter and metrics.json saved in {output_dir}")
         if config["push_to_hub"]:
-            peft_model.push_to_hub(config["hub_model_id"])  # uploads the adapter with a SMEAR model card
+            smear_peft.push_to_hub(peft_model, config["hub_model_id"])  # the adapter with its SMEAR model card
             if config["authors_backbone"]:  # and the frozen cross-attention bias the adapter was trained with
                 from huggingface_hub import upload_file
 
