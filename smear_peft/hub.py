@@ -43,8 +43,17 @@ def write_model_card(peft_model, output_dir: str) -> ModelCard:
             f"- Base model: `{base_model}`",
             f"- Routing: `{config.routing}`",
             f"- Experts per block: {config.num_experts}",
-            f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})",
-            f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}",
+            *(
+                [
+                    f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})",
+                    f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}",
+                ]
+                if getattr(config, "expert_type", "adapter") == "adapter"
+                else [
+                    f"- Experts: {config.expert_type}" + (f" (r={config.r}, lora_alpha={config.lora_alpha})" if config.expert_type == "lora" else ""),
+                    f"- Routed Linear layers: {num_blocks}",
+                ]
+            ),
             f"- Expert dropout: {config.expert_dropout}; pooling: `{config.pooling}`",
             "",
             "```python",
