@@ -267,3 +267,64 @@ def test_ia3_mixture_equals_merged_vector(lm_batch):
     with torch.no_grad():
         assert torch.allclose(ensemble(**lm_batch).logits, smear(**lm_batch).logits, atol=1e-5)
     assert isinstance(next(m for m in smear.modules() if isinstance(m, IA3Experts)), IA3Experts)
+
+
+# -- the expert stacks against naive references --------------------------------------------------------------------
+def test_lora_experts_every_decision_kind_matches_a_naive_reference():
+    from smear_peft.routing import RoutingDecision
+
+    torch.manual_seed(0)
+    experts = LoraExperts(4, 6, 5, 3, scaling=0.5)
+    with torch.no_grad():
+        experts.lora_A.normal_()
+        experts.lora_B.normal_()
+    x = torch.randn(2, 7, 6)
+    probs = torch.softmax(torch.randn(2, 4), -1)
+
+    def one(b, n):
+        return 0.5 * x[b] @ experts.lora_A[n] @ experts.lora_B[n]
+
+    merged, _ = experts(x, RoutingDecision("merge", weights=probs))
+    for b in range(2):
+        a = sum(probs[b, n] * experts.lora_A[n] for n in range(4))
+        bb = sum(probs[b, n] * experts.lora_B[n] for n in range(4))
+        torch.testing.assert_close(merged[b], 0.5 * x[b] @ a @ bb)
+    mixed, _ = experts(x, RoutingDecision("mix", weights=probs))
+    index = torch.tensor([[1, 3], [2, 0]])
+    weights = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    top2, _ = experts(x, RoutingDecision("mix", index=index, weights=weights))
+    selected, _ = experts(x, RoutingDecision("select", index=torch.tensor([2, 1]), weights=torch.tensor([0.5, 2.0])))
+    shared, _ = experts(x, RoutingDecision("shared", batch_size=2))
+    for b in range(2):
+        torch.testing.assert_close(mixed[b], sum(probs[b, n] * one(b, n) for n in range(4)))
+        torch.testing.assert_close(top2[b], sum(weights[b, k] * one(b, int(index[b, k])) for k in range(2)))
+        torch.testing.assert_close(shared[b], one(b, 0))
+    torch.testing.assert_close(selected[0], 0.5 * one(0, 2))
+    torch.testing.assert_close(selected[1], 2.0 * one(1, 1))
+
+
+def test_ia3_experts_every_decision_kind_matches_a_naive_reference():
+    from smear_peft.routing import RoutingDecision
+
+    torch.manual_seed(0)
+    experts = IA3Experts(4, 5, feedforward=False)
+    with torch.no_grad():
+        experts.ia3_l.normal_(1.0, 0.3)
+    x = torch.randn(2, 3, 8)
+    probs = torch.softmax(torch.randn(2, 4), -1)
+    merged, _ = experts(x, RoutingDecision("merge", weights=probs))
+    torch.testing.assert_close(1 + merged[:, 0], probs @ experts.ia3_l)
+    index = torch.tensor([[1, 3], [2, 0]])
+    weights = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    top2, _ = experts(x, RoutingDecision("mix", index=index, weights=weights))
+    torch.testing.assert_close(1 + top2[:, 0], torch.einsum("bk,bkf->bf", weights, experts.ia3_l[index]))
+    selected, _ = experts(x, RoutingDecision("select", index=torch.tensor([2, 1]), weights=torch.tensor([0.5, 1.0])))
+    torch.testing.assert_close(selected[0, 0], 0.5 * (experts.ia3_l[2] - 1))
+    torch.testing.assert_close(selected[1, 2], experts.ia3_l[1] - 1)
+
+
+def test_top2_routing_with_lora_experts(lm_batch):
+    model = routed("lora", "top_k", top_k=2).train()
+    model(**lm_batch).loss.backward()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.smear_router["default"].weight.grad.abs().sum() > 0
