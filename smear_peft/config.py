@@ -34,7 +34,20 @@ class SmearConfig(PeftConfig):
     How ``routing(p)`` uses the experts is the ``routing`` method (SMEAR merges their parameters with ``p``).
     The defaults are those of the authors' code for T5-v1.1 on GLUE.
 
+    ``expert_type`` chooses what an expert is: ``adapter`` (the paper's bottleneck adapter after a sublayer, above),
+    or ``lora`` / ``ia3``: LoRA or (IA)³ experts on ``nn.Linear`` / ``Conv1D`` layers, configured as PEFT's
+    `LoraConfig` / `IA3Config` (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``feedforward_modules``),
+    one router per wrapped layer (see `smear_peft.expert_types` and docs/expert_types.md).
+
     Args:
+        expert_type: ``adapter`` (default), ``lora`` or ``ia3``.
+        r: LoRA rank of every expert (``expert_type="lora"``).
+        lora_alpha: LoRA scaling numerator: updates are scaled by ``lora_alpha / r`` (``/ sqrt(r)`` with
+            ``use_rslora``).
+        lora_dropout: Dropout on the LoRA experts' input, as PEFT.
+        use_rslora: Rank-stabilised LoRA scaling ``lora_alpha / sqrt(r)``.
+        feedforward_modules: ``expert_type="ia3"``: targets whose *input* is scaled (PEFT's IA3 FFN modules); the
+            others get their output scaled. Filled from the preset with ``target_modules``.
         num_experts: Number of experts per block (the paper uses 8 for GLUE, 6 for DomainNet).
         routing: Routing method, one of ``smear``, ``top_k``, ``st_gumbel``, ``reinforce``, ``tag``, ``hash``,
             ``monolithic``, ``ensemble``.
@@ -65,7 +78,8 @@ class SmearConfig(PeftConfig):
         exclude_modules: Modules never wrapped.
         layers_to_transform: Layer indices to wrap (all when ``None``).
         layers_pattern: Name of the layer list that ``layers_to_transform`` indexes (e.g. ``block``, ``layers``).
-        train_layer_norms: Train the backbone's layer norms beside the adapters (the authors do for T5). Adds the
+        train_layer_norms: Train the backbone's layer norms beside the adapters (the authors do for T5; ``None``:
+            on for ``expert_type="adapter"``, off for LoRA / (IA)³ experts, as PEFT's LoRA / IA3). Adds the
             preset's layer-norm names to ``modules_to_save``.
         batch_norm_statistics: For backbones with BatchNorm: ``update`` lets the frozen backbone's running
             statistics track the training data (the authors) and saves them with the adapter; ``frozen`` keeps them
@@ -99,6 +113,14 @@ class SmearConfig(PeftConfig):
             smear-peft 0.1) is read as ``None``.
     """
 
+    expert_type: str = field(default="adapter", metadata={"help": "Expert type: adapter, lora or ia3."})
+    r: int = field(default=8, metadata={"help": "LoRA rank of each expert (expert_type='lora')."})
+    lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha (expert_type='lora')."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA experts' input."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale LoRA updates by lora_alpha / sqrt(r)."})
+    feedforward_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "expert_type='ia3': targets whose input (not output) is scaled."}
+    )
     num_experts: int = field(default=8, metadata={"help": "Number of experts per routing block."})
     routing: str = field(default="smear", metadata={"help": f"Routing method: one of {', '.join(ROUTING_METHODS)}."})
     expert_dropout: float = field(default=0.0, metadata={"help": "Training-only expert dropout probability."})
@@ -121,7 +143,7 @@ class SmearConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules never wrapped."})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
-    train_layer_norms: bool = field(default=True, metadata={"help": "Train the backbone's layer norms."})
+    train_layer_norms: Optional[bool] = field(default=None, metadata={"help": "Train the backbone's layer norms."})
     batch_norm_statistics: Literal["update", "frozen"] = field(
         default="update", metadata={"help": "Backbone BatchNorm running statistics while training."}
     )
@@ -151,7 +173,9 @@ class SmearConfig(PeftConfig):
             self.task_type = None
         super().__post_init__()
         self.peft_type = _smear_peft_type()
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names"):
+        if self.train_layer_norms is None:
+            self.train_layer_norms = self.expert_type == "adapter"
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names", "feedforward_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
                 setattr(self, name, list(value))
@@ -169,6 +193,26 @@ class SmearConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise a `ValueError` that names the fix for any inconsistent field."""
+        from .expert_types import EXPERT_TYPES
+
+        if self.expert_type not in EXPERT_TYPES:
+            _fail("expert_type", f"unknown expert type {self.expert_type!r}; choose one of {', '.join(EXPERT_TYPES)}.")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            _fail("r", f"must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}.")
+        if self.expert_type != "adapter":
+            if self.input_norm == "batch_norm" or self.post_norm:
+                _fail("expert_type", f"{self.expert_type} experts change a Linear layer in place: input_norm and "
+                      "post_norm apply to expert_type='adapter' only; leave them None.")
+        if self.feedforward_modules is not None:
+            if self.expert_type != "ia3":
+                _fail("feedforward_modules", "applies to expert_type='ia3' only.")
+            if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+                missing = [m for m in self.feedforward_modules if m not in self.target_modules]
+                if missing:
+                    _fail("feedforward_modules", f"{missing} are not in target_modules; feedforward_modules must be a "
+                          "subset of target_modules (as in PEFT's IA3Config).")
         if self.routing not in ROUTING_METHODS:
             _fail("routing", f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_METHODS)}.")
         if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:

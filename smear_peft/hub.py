@@ -36,10 +36,16 @@ def card_section(config, repo_id: Optional[str] = None, num_blocks: Optional[int
         f"- Routing: `{config.routing}`",
         f"- Experts per block: {config.num_experts}",
     ]
-    if num_blocks is not None:
-        lines.append(f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})")
+    if getattr(config, "expert_type", "adapter") == "adapter":
+        if num_blocks is not None:
+            lines.append(f"- Routing blocks: {num_blocks} (sublayers: {', '.join(config.sublayers)})")
+        lines.append(f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}")
+    else:
+        lora = f" (r={config.r}, lora_alpha={config.lora_alpha})" if config.expert_type == "lora" else ""
+        lines.append(f"- Experts: {config.expert_type}{lora}")
+        if num_blocks is not None:
+            lines.append(f"- Routed Linear layers: {num_blocks}")
     lines += [
-        f"- Bottleneck: {config.bottleneck_size or f'hidden size // {config.reduction_factor}'}",
         f"- Expert dropout: {config.expert_dropout}; pooling: `{config.pooling}`",
         "",
         "```python",

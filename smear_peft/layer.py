@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import SmearConfig
 from .experts import Experts
+from .expert_types import IA3Experts, LinearShape, LoraExperts, build_linear_experts, matches_modules
 from .frames import EMPTY_FRAME, FrameStack, RoutingFrame
 from .routers import ReinforceBaseline, Router
 from .routing import RoutingInputs, RoutingMethod
@@ -42,6 +43,10 @@ class SmearLayer(nn.Module, BaseTunerLayer):
     With ``position="input"`` the block transforms the sublayer's first input instead (the authors' ResNet block sits
     after the residual add and before the final ReLU, which is the input of the stage's activation module).
 
+    With ``position="linear"`` (``expert_type="lora"`` / ``"ia3"``) the wrapped module is a Linear layer ``base`` and
+    the experts change it in place: ``base(x) + s * drop(x) A B`` (LoRA) or ``base(x) * l`` / ``base(x * l)`` ((IA)³),
+    routed on the layer's input ``x`` (or the source of its ``role``); see `smear_peft.expert_types`.
+
     ``role`` says where the router's input comes from (see `smear_peft.sources`): ``input`` (the block's own input),
     ``encoder_output`` (decoder blocks of encoder-decoder models) or ``causal`` (causal LMs: prompt or segments).
 
@@ -51,7 +56,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("smear_router", "smear_experts", "smear_post_norm", "smear_input_norm", "smear_baseline")
-    other_param_names = ("smear_routing", "smear_source")
+    other_param_names = ("smear_routing", "smear_source", "smear_dropout")
 
     def __init__(
         self,
@@ -73,8 +78,10 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         post_norm: bool = True,
         input_norm: str = "none",
         reference: Optional[torch.Tensor] = None,
+        linear_shape: Optional[LinearShape] = None,
     ) -> None:
         super().__init__()
+        self.linear_shape = linear_shape  # the wrapped Linear's shape (position="linear")
         self.base_layer = base_layer
         self.hidden_size = hidden_size
         # PEFT's layers expose their widths; a block keeps its module's, or its own channel width.
@@ -97,6 +104,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         self.smear_post_norm = nn.ModuleDict()
         self.smear_input_norm = nn.ModuleDict()
         self.smear_baseline = nn.ModuleDict()
+        self.smear_dropout = nn.ModuleDict()  # LoRA experts' input dropout (no parameters, never saved)
         self.smear_routing: dict[str, RoutingMethod] = {}
         self.smear_source: dict[str, RoutingSource] = {}
         self._disable_adapters = False
@@ -110,16 +118,30 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         hidden = self.hidden_size
         self.smear_routing[adapter_name] = routing
         self.smear_source[adapter_name] = routing_source(self.role, config)
-        experts = Experts(routing.num_expert_slots(), hidden, bottleneck_size(config, routing, hidden), config.activation)
-        experts.reset_parameters(config.expert_init_std)
-        self.smear_experts[adapter_name] = experts
+        if (self.position == "linear") != (config.expert_type != "adapter"):
+            raise ValueError(
+                f"{self.block_name or 'This module'} already has {'LoRA / (IA)³' if self.position == 'linear' else 'adapter'} "
+                f"experts; an adapter with expert_type={config.expert_type!r} cannot share it. Give the new adapter "
+                "other target_modules (or the same expert_type)."
+            )
+        if self.position == "linear":
+            feedforward = config.expert_type == "ia3" and matches_modules(self.block_name, config.feedforward_modules)
+            self.smear_experts[adapter_name] = build_linear_experts(config, routing, self.linear_shape, feedforward)
+        else:
+            experts = Experts(routing.num_expert_slots(), hidden, bottleneck_size(config, routing, hidden), config.activation)
+            experts.reset_parameters(config.expert_init_std)
+            self.smear_experts[adapter_name] = experts
+        if config.expert_type != "adapter" and config.lora_dropout > 0:
+            self.smear_dropout[adapter_name] = nn.Dropout(config.lora_dropout)
         if routing.uses_router:
             self.smear_router[adapter_name] = Router(self.source_size, config.num_experts, config.router_init_scale)
         if routing.has_baseline:
             self.smear_baseline[adapter_name] = ReinforceBaseline(self.source_size, config.router_init_scale)
-        if (config.post_norm if config.post_norm is not None else self._default_post_norm):
+        if self.position == "linear":
+            pass  # LoRA / (IA)³ experts have no norms
+        elif (config.post_norm if config.post_norm is not None else self._default_post_norm):
             self.smear_post_norm[adapter_name] = nn.LayerNorm(hidden)
-        if (config.input_norm or self._default_input_norm) == "batch_norm":
+        if self.position != "linear" and (config.input_norm or self._default_input_norm) == "batch_norm":
             self.smear_input_norm[adapter_name] = nn.BatchNorm1d(hidden)
         if not config.init_weights:
             self._randomise_for_tests(adapter_name)
@@ -157,9 +179,13 @@ class SmearLayer(nn.Module, BaseTunerLayer):
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.smear_experts]
+        if self.merged_adapters:
+            active = [a for a in active if a not in self.merged_adapters]
         if not active:
             return self.base_layer(*args, **kwargs)
         frame = self._frames.current() or EMPTY_FRAME
+        if self.position == "linear":
+            return self._forward_linear(active, frame, *args, **kwargs)
         if self.position == "input":
             hidden = args[0]
             for adapter in active:
@@ -178,23 +204,65 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         if adapter in self.smear_input_norm:
             batch, positions, channels = tokens.shape
             tokens = self.smear_input_norm[adapter](tokens.reshape(-1, channels)).view(batch, positions, channels)
-        routing = self.smear_routing[adapter]
-        plan = self.smear_source[adapter].plan(self, adapter, tokens, frame, needs_input=routing.uses_router)
-        if plan.cached is not None:
-            decision, params = plan.cached
-            delta, _ = experts(tokens, decision, params)
-        else:
-            decision = self._decide(adapter, routing, plan, tokens, frame)
-            units = tokens if plan.layout is None else plan.layout.gather(tokens)
-            delta, params = experts(units, decision)
-            if plan.layout is not None:
-                delta = plan.layout.scatter(delta, tokens)
-            if plan.store is not None:
-                store, key = plan.store
-                store[key] = (decision, params)
+        delta = self._run_experts(adapter, tokens, tokens, frame)
         if adapter in self.smear_post_norm:
             delta = self.smear_post_norm[adapter](delta)
         return hidden + self._from_tokens(delta, hidden).to(hidden.dtype)
+
+    def _run_experts(self, adapter: str, route_tokens: torch.Tensor, tokens: torch.Tensor, frame: RoutingFrame) -> torch.Tensor:
+        """Route on ``route_tokens`` ``[B, S, C]`` (by the adapter's source) and apply the experts to ``tokens``
+        ``[B, S, C']``: the output ``[B, S, out]`` (for adapters both are the block input)."""
+        experts = self.smear_experts[adapter]
+        routing = self.smear_routing[adapter]
+        plan = self.smear_source[adapter].plan(self, adapter, route_tokens, frame, needs_input=routing.uses_router)
+        if plan.cached is not None:
+            decision, params = plan.cached
+            delta, _ = experts(tokens, decision, params)
+            return delta
+        decision = self._decide(adapter, routing, plan, route_tokens, frame)
+        units = tokens if plan.layout is None else plan.layout.gather(tokens)
+        delta, params = experts(units, decision)
+        if plan.layout is not None:
+            delta = plan.layout.scatter(delta, tokens)
+        if plan.store is not None:
+            store, key = plan.store
+            store[key] = (decision, params)
+        return delta
+
+    def _forward_linear(self, active: list[str], frame: RoutingFrame, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """A Linear layer with LoRA / (IA)³ experts of every active adapter (each routed on the layer's input)."""
+        tokens = self._linear_tokens(x, frame)
+        lora_updates, output_scales, input_scale = [], [], None
+        for adapter in active:
+            experts = self.smear_experts[adapter]
+            routed = tokens.to(experts.dtype)
+            if isinstance(experts, LoraExperts):
+                inputs = self.smear_dropout[adapter](routed) if adapter in self.smear_dropout else routed
+                lora_updates.append(self._run_experts(adapter, routed, inputs, frame))
+            else:
+                scale = 1.0 + self._run_experts(adapter, routed, routed, frame)
+                if experts.feedforward:
+                    input_scale = scale if input_scale is None else input_scale * scale
+                else:
+                    output_scales.append(scale)
+        if input_scale is not None:
+            x = (x.to(input_scale.dtype) * input_scale.reshape(*x.shape[:-1], -1)).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        for scale in output_scales:
+            result = (result * scale.reshape(*result.shape[:-1], -1)).to(result.dtype)
+        for update in lora_updates:
+            result = result + update.reshape(*result.shape[:-1], -1).to(result.dtype)
+        return result
+
+    def _linear_tokens(self, x: torch.Tensor, frame: RoutingFrame) -> torch.Tensor:
+        """``[B, positions, in]`` view of a Linear layer's input (``[B, in]``: one position; ``[B * S, in]`` when the
+        call's batch size says the tokens were flattened)."""
+        if x.dim() == 2:
+            batch = frame.batch_size
+            if batch and x.shape[0] != batch and x.shape[0] % batch == 0:
+                return x.view(batch, -1, x.shape[-1])
+            return x.unsqueeze(1)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def _decide(self, adapter: str, routing: RoutingMethod, plan: RoutePlan, tokens: torch.Tensor, frame: RoutingFrame):
         batch = tokens.shape[0]
@@ -258,15 +326,36 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         moved_shape = like.movedim(self.channel_dim, -1).shape
         return tokens.reshape(moved_shape).movedim(-1, self.channel_dim)
 
-    # -- merging is impossible -------------------------------------------------------------------------------------
+    # -- merging: monolithic LoRA / (IA)³ experts only ---------------------------------------------------------------
+    def is_mergeable(self, adapter: str) -> bool:
+        """Whether an adapter is a plain LoRA / (IA)³ (one expert for every input: ``routing="monolithic"``)."""
+        return self.position == "linear" and self.smear_routing[adapter].name == "monolithic"
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError(
-            "Routed expert adapters cannot be merged into the base weights: each example gets its own mixture of experts "
-            "from its routing input. Keep the adapter, or use unload() to get the base model back."
-        )
+        adapters = [a for a in (adapter_names or self.active_adapters) if a in self.smear_experts]
+        if not all(self.is_mergeable(a) for a in adapters):
+            raise NotImplementedError(
+                "Routed expert adapters cannot be merged into the base weights: each example gets its own mixture of "
+                "experts from its routing input. Keep the adapter, or use unload() to get the base model back "
+                "(monolithic LoRA / (IA)³ experts, which are plain LoRA / (IA)³, can be merged)."
+            )
+        for adapter in adapters:
+            if adapter in self.merged_adapters:
+                continue
+            base = self.get_base_layer()
+            original = base.weight.detach().clone() if safe_merge else None
+            self.smear_experts[adapter].merge_into(base, self.linear_shape)
+            if original is not None and not torch.isfinite(base.weight).all():
+                with torch.no_grad():
+                    base.weight.copy_(original)
+                raise ValueError(f"NaNs detected in the merged weights of {self.block_name}; adapter {adapter!r} is broken.")
+            self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Nothing to undo: SMEAR layers are never merged."""
+        """Undo `merge` (monolithic LoRA / (IA)³ experts; other SMEAR layers are never merged)."""
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            self.smear_experts[adapter].merge_into(self.get_base_layer(), self.linear_shape, sign=-1.0)
 
     def __repr__(self) -> str:
         return f"smear.{super().__repr__()}"

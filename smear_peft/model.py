@@ -17,6 +17,7 @@ from torch import nn
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
 from .config import SUBLAYERS, SmearConfig, check_layer_selection
+from .expert_types import linear_shape, preset_targets
 from .frames import CarryFrames, FrameStack, GenerationSession
 from .hooks import ROUTING_KWARGS, FrameHooks
 from .layer import SmearLayer
@@ -90,6 +91,18 @@ class SmearModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: SmearConfig, model_config: dict) -> SmearConfig:
         preset = find_preset(model_config.get("model_type"))
+        if peft_config.expert_type != "adapter" and peft_config.target_modules is None:
+            targets = preset_targets(model_config.get("model_type"), peft_config.expert_type)
+            if targets is None:
+                raise ValueError(
+                    f"smear-peft has no {peft_config.expert_type} targets for model_type="
+                    f"{model_config.get('model_type')!r}. Pass SmearConfig(target_modules=[...]) naming its Linear layers "
+                    "(e.g. ['q_proj', 'v_proj']" + (", with feedforward_modules=[...] for input-scaled FFN layers"
+                    if peft_config.expert_type == "ia3" else "") + ")."
+                )
+            peft_config.target_modules, feedforward = targets
+            if peft_config.expert_type == "ia3" and peft_config.feedforward_modules is None:
+                peft_config.feedforward_modules = feedforward
         if preset is None and peft_config.target_modules is None:
             raise ValueError(
                 f"smear-peft has no preset for model_type={model_config.get('model_type')!r} (presets: "
@@ -124,9 +137,12 @@ class SmearModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, routing)
             return
         preset = self.preset
-        layout = block_layout(preset, current_key, parent, target)
         side = self._side_of(current_key)
         role = "encoder_output" if side == "decoder" else "causal" if peft_config.causal_routing else "input"
+        if peft_config.expert_type != "adapter":
+            self._wrap_linear(peft_config, adapter_name, routing, target, target_name, parent, current_key, side, role)
+            return
+        layout = block_layout(preset, current_key, parent, target)
         new_module = SmearLayer(
             target,
             adapter_name,
@@ -145,6 +161,31 @@ class SmearModel(BaseTuner):
             post_norm=preset.post_norm if preset else True,
             input_norm=preset.input_norm if preset else "none",
             reference=_first_floating_tensor(self.model),
+        )
+        object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _wrap_linear(self, config, adapter_name, routing, target, target_name, parent, current_key, side, role) -> None:
+        """A `SmearLayer` with LoRA / (IA)³ experts on a Linear (or Conv1D) target."""
+        shape = linear_shape(target, current_key)
+        new_module = SmearLayer(
+            target,
+            adapter_name,
+            config,
+            routing,
+            hidden_size=shape.in_features,
+            frames=self.frames,
+            role=role,
+            source_size=self._encoder_output_size() if role == "encoder_output" else None,
+            side=side,
+            block_index=self._num_blocks,
+            block_name=current_key,
+            position="linear",
+            post_norm=False,
+            reference=_first_floating_tensor(self.model),
+            linear_shape=shape,
         )
         object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
         if adapter_name not in self.active_adapters:
@@ -225,10 +266,14 @@ class SmearModel(BaseTuner):
             model.add_model_tags(["smear-peft", "smear"])
 
     def _check_merge_allowed(self) -> None:
+        configs = list(self.peft_config.values())
+        if configs and all(c.expert_type != "adapter" and c.routing == "monolithic" for c in configs):
+            return  # plain LoRA / (IA)³: one expert for every input
         raise NotImplementedError(
             "SMEAR adapters cannot be merged into the base model: routing is input-dependent, so every example uses its "
             "own mixture of experts. Keep the PeftModel for inference, or call unload(restore_modules_to_save=True) to "
-            "get the unchanged base model back."
+            "get the unchanged base model back. (Only monolithic LoRA / (IA)³ experts, which are plain LoRA / (IA)³, "
+            "merge; to serve a fixed routing as a plain PEFT adapter use smear_peft.export.export_adapter.)"
         )
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
@@ -244,7 +289,9 @@ class SmearModel(BaseTuner):
             function = getattr(module, "_gradient_checkpointing_func", None)
             if isinstance(function, CarryFrames):
                 module._gradient_checkpointing_func = function.checkpoint
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """As PEFT: adapters start in the base layer's dtype and fp16 / bf16 ones are upcast to fp32 when
