@@ -126,7 +126,7 @@ def run_resnet(spec, args, timer, device):
 def run_causal(spec, args, timer, device):
     with tempfile.TemporaryDirectory() as workdir:
         cases = causal_cases(spec, device, workdir)
-        return measure_section(cases, ["inference", "training"], args, timer, device, "causal")
+        return measure_section(cases, ["inference", "training", "generation"], args, timer, device, "causal")
 
 
 def run_scaling(sizes, args, timer, device):

@@ -29,13 +29,13 @@ SIZES = {
     "small": {
         "t5": dict(layers=4, batch=8, source_len=64, answer_len=6),
         "resnet": dict(image=112, batch=8),
-        "causal": dict(layers=4, batch=8, seq_len=64),
+        "causal": dict(layers=4, batch=8, seq_len=64, new_tokens=16),
         "repeats": 7,
     },
     "paper": {
         "t5": dict(layers=12, batch=128, source_len=128, answer_len=6),
         "resnet": dict(image=224, batch=128),
-        "causal": dict(layers=12, batch=128, seq_len=128),
+        "causal": dict(layers=12, batch=128, seq_len=128, new_tokens=64),
         "repeats": 10,
     },
 }
@@ -204,6 +204,10 @@ def causal_cases(spec: dict, device: torch.device, workdir: str) -> list[Case]:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(2, 32000, (batch, seq_len), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
+    # Instruction tuning: the first half of each sequence is the prompt (labels -100), which SMEAR's causal prompt
+    # routing reads; the same labels for every method.
+    labels = input_ids.masked_fill(torch.arange(seq_len, device=device) < seq_len // 2, -100)
+    prompt, prompt_mask = input_ids[:, : seq_len // 2], attention_mask[:, : seq_len // 2]
     tags = (torch.arange(batch) % T5_EXPERTS).to(device)
     targets = ["o_proj", "down_proj"]
     models = {}
@@ -229,11 +233,22 @@ def causal_cases(spec: dict, device: torch.device, workdir: str) -> list[Case]:
 
         def inference(model=model, extra=extra) -> None:
             with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, **extra)
+                model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
 
         def training(model=model, extra=extra, step=step) -> None:
-            model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, **extra).loss.backward()
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss.backward()
             step()
 
-        cases.append(Case(name, model, {"inference": inference, "training": training}, batch, trainable, step.optimizer))
+        def generation(model=model) -> None:  # greedy, KV cache on; SMEAR routes once on the prompt
+            with torch.no_grad():
+                model.generate(
+                    input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=spec["new_tokens"],
+                    min_new_tokens=spec["new_tokens"], do_sample=False,
+                    use_cache=True, pad_token_id=0,
+                )
+
+        tasks = {"inference": inference, "training": training}
+        if name in ("monolithic", "smear", "lora"):  # Poly needs task ids in generate; X-LoRA disables the KV cache
+            tasks["generation"] = generation
+        cases.append(Case(name, model, tasks, batch, trainable, step.optimizer))
     return cases
