@@ -165,7 +165,8 @@ class FrameHooks:
         frame.owner = module
         frame.grad_enabled = torch.is_grad_enabled()
         frame._token = self.frames.enter(frame)
-        self.tuner.carry_frames_into_checkpoints()
+        if frame.grad_enabled:  # checkpointing only recomputes layers when there is a backward pass
+            self.tuner.carry_frames_into_checkpoints()
         return frame
 
     def _joinable(self) -> Optional[RoutingFrame]:
@@ -205,11 +206,26 @@ class FrameHooks:
         session = frame.session
         if session is not None:
             session.forwards += 1
-        if frame.keys is None and tuner.needs_keys():
-            frame.content_keys = self._content_keys(named, frame.input_mask)
         if tuner.has_causal_blocks:
             frame.prompt_mask, frame.prompt_error = causal_prompt(frame, named)
+        if frame.keys is None and tuner.needs_keys():
+            frame.content_keys = self._causal_content_keys(frame, named) if tuner.has_causal_blocks else (
+                self._content_keys(named, frame.input_mask)
+            )
         return args, kwargs
+
+    def _causal_content_keys(self, frame: RoutingFrame, named: dict) -> Optional[torch.Tensor]:
+        """Hash keys of a causal LM come from the prompt only (fixed for a whole generate call), so no token's routing
+        depends on a later token. Segment routing has no prompt: hash routing then needs explicit routing_keys."""
+        session = frame.session
+        if session is not None and session.content_keys is not None:
+            return session.content_keys
+        if frame.prompt_mask is None or any(m.config.causal_routing == "segment" for m in self.tuner._active_methods()):
+            return None
+        keys = content_keys(named["input_ids"], frame.prompt_mask) if isinstance(named.get("input_ids"), torch.Tensor) else None
+        if session is not None:
+            session.content_keys = keys
+        return keys
 
     def _content_keys(self, named: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         for name in MAIN_INPUTS:

@@ -339,7 +339,10 @@ class HashRouting(RoutingMethod):
 
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         if inputs.keys is None:
-            raise ValueError("routing='hash' found no example keys: pass routing_keys=[...] or input_ids/pixel_values.")
+            raise ValueError(
+                "routing='hash' found no example keys: pass routing_keys=[...] (one int per example), or input_ids / "
+                "pixel_values to hash (causal LMs: the prompt's ids; causal_routing='segment' needs routing_keys)."
+            )
         experts = hash_experts(inputs.keys.cpu().numpy(), inputs.block_index, self.config.hash_seed, self.config.num_experts)
         return RoutingDecision("select", index=torch.from_numpy(experts).to(inputs.device))
 

@@ -208,19 +208,37 @@ def test_segment_routing_continued_from_a_cache_outside_generate_is_an_error():
 def test_every_routing_method_trains_and_generates_on_a_causal_lm(routing):
     model = smear_causal("llama", routing=routing, causal_routing="segment", segment_length=3)
     ids, labels = prompt_batch()
-    tags = torch.tensor([1, 3])
+    tags, keys = torch.tensor([1, 3]), torch.tensor([11, 12])  # segment routing hashes explicit keys only
     model.train()
-    out = model(input_ids=ids, labels=labels, routing_tags=tags)
+    out = model(input_ids=ids, labels=labels, routing_tags=tags, routing_keys=keys)
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "smear_experts" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     model.eval()
     with torch.no_grad():
-        cached = model.generate(input_ids=ids[:, :4], routing_tags=tags, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        cached = model.generate(
+            input_ids=ids[:, :4], routing_tags=tags, routing_keys=keys, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
         uncached = model.generate(
-            input_ids=ids[:, :4], routing_tags=tags, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
+            input_ids=ids[:, :4], routing_tags=tags, routing_keys=keys, max_new_tokens=4, do_sample=False, pad_token_id=0,
+            use_cache=False,
         )
     assert torch.equal(cached, uncached)
+
+
+def test_hash_routing_of_a_causal_lm_hashes_the_prompt_only():
+    model = smear_causal("gpt2", routing="hash")
+    ids, labels = prompt_batch(prompt_len=4, total=9)
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=labels).logits
+        changed = ids.clone()
+        changed[:, 6] = (changed[:, 6] + 5) % (VOCAB - 3) + 3
+        torch.testing.assert_close(model(input_ids=changed, labels=labels).logits[:, :6], reference[:, :6], rtol=0, atol=1e-6)
+        kwargs = dict(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    segments = smear_causal("gpt2", routing="hash", causal_routing="segment", segment_length=2)
+    with pytest.raises(ValueError, match="routing_keys"):
+        segments(input_ids=ids)
 
 
 def test_causal_routing_on_an_encoder_decoder_is_refused():
