@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable, Optional
 
 import pytest
+import torch
 
 #: ``{class name: [test names not run, because they are not parametrised by the PEFT-method matrix]}``
 DROPPED: dict[str, list[str]] = {}
@@ -69,6 +70,12 @@ def adopt(
 def _argnames(argnames) -> str:
     names = argnames if isinstance(argnames, (list, tuple)) else argnames.split(",")
     return ",".join(n.strip() for n in names)
+
+
+def with_routing_inputs(inputs: dict, routing_inputs: dict) -> dict:
+    """The test's inputs plus one routing tag / key per example (smear-peft requires exactly one per example)."""
+    batch = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {**inputs, **{name: [values[0]] * batch for name, values in routing_inputs.items()}}
 
 
 class RoutingInputsModel:

@@ -11,7 +11,7 @@ import pytest
 from smear_peft import SmearConfig
 
 from . import upstream
-from .adopt import accept_routing_inputs, adopt
+from .adopt import accept_routing_inputs, adopt, with_routing_inputs
 
 #: PEFT's shared tester runs in CI's slow pass (about 6 minutes on 2 cores).
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ class TestSmearCustomModels(tcm.TestPeftCustomModel):
     routing_inputs: dict = {}
 
     def prepare_inputs_for_testing(self):
-        return {**super().prepare_inputs_for_testing(), **self.routing_inputs}
+        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)
 
 
 # Tests parametrised only by the config class (multiple adapters, set_adapter, requires_grad) take SmearConfig().

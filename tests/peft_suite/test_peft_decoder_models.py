@@ -8,7 +8,7 @@ import pytest
 from smear_peft import SmearConfig
 
 from . import upstream
-from .adopt import adopt
+from .adopt import adopt, with_routing_inputs
 from .models import TinyModels
 
 #: PEFT's shared tester runs in CI's slow pass (about 6 minutes on 2 cores).
@@ -38,7 +38,7 @@ class TestSmearDecoderModels(tdm.TestDecoderModels):
     routing_inputs: dict = {}
 
     def prepare_inputs_for_testing(self):
-        return {**super().prepare_inputs_for_testing(), **self.routing_inputs}
+        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)
 
 
 adopt(
