@@ -41,14 +41,23 @@ import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model, set_peft_model_state_dict
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
 from transformers.utils import logging as transformers_logging
 
-from smear_peft import ROUTING_METHODS, SmearConfig  # importing smear_peft registers the SMEAR method with PEFT
+from smear_peft import (  # importing smear_peft registers the SMEAR method with PEFT
+    ROUTING_METHODS,
+    SmearConfig,
+)
 from smear_peft.data.routed_images import collate_routed_images
+from smear_peft.distributed import (
+    adapter_state_dict,
+    check_grad_clipping,
+    save_adapter,
+    sync_batch_norm_statistics,
+)
 from smear_peft.losses import per_example_classification_loss, reinforce_loss
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,6 +276,7 @@ def evaluate(accelerator, model, loader, domain_names):
     """Accuracy pooled over all examples (the authors' model-selection metric), per domain, and averaged over domains.
     Also returns the seconds spent in the forward pass and argmax, the authors' inference time."""
     model.eval()
+    sync_batch_norm_statistics(model)  # FSDP / DeepSpeed don't broadcast buffers as DDP does: rank 0's, as under DDP
     correct = torch.zeros(len(domain_names), dtype=torch.long, device=accelerator.device)
     total = torch.zeros_like(correct)
     seconds = 0.0
@@ -427,6 +437,7 @@ def main(argv=None):
         model, optimizer, train_loader, validation_loader, test_loader
     )
     peft_model = accelerator.unwrap_model(model)
+    check_grad_clipping(accelerator, args.grad_clip_norm)  # DeepSpeed clips itself: same norm, or a warning
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -457,14 +468,15 @@ def main(argv=None):
         # ST-Gumbel's temperature is a function of the step (the authors' schedule), so resuming restores it too.
         temperatures = peft_model.base_model.set_training_step(state.step)
         batch = next(batches)
-        logits = model(
+        outputs = model(
             pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=batch["routing_keys"]
-        ).logits
+        )
+        logits = outputs.logits
         # Per-example cross-entropy: its mean is the task loss; REINFORCE also uses each example's loss as its
         # (negative) reward. reinforce_loss is 0 for every other routing method.
         example_losses = per_example_classification_loss(logits, batch["labels"])
         task_loss = example_losses.mean()
-        loss = task_loss + reinforce_loss(model, example_losses)
+        loss = task_loss + reinforce_loss(outputs, example_losses)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, args.grad_clip_norm)
         optimizer.step()
@@ -497,7 +509,8 @@ def main(argv=None):
                     state.step,
                     validation,
                 )
-                state.best_adapter = {k: v.cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+                # Gathered on every process: under FSDP / ZeRO-3 the parameters hold shards.
+                state.best_adapter = {k: v.cpu().clone() for k, v in adapter_state_dict(model, accelerator=accelerator).items()}
             say(
                 f"step {state.step}: validation accuracy {validation['accuracy']:.4f} "
                 f"(best {state.best_accuracy:.4f} at step {state.best_step})"
@@ -515,8 +528,9 @@ def main(argv=None):
         + results_table(state.best_validation, test)
     )
     accelerator.log({"test/accuracy": test["accuracy"], "test/domain_average": test["domain_average"]}, step=state.step)
+    # Gathered on every process (FSDP / ZeRO-3 shards), written by rank 0, read back: raises on an empty adapter.
+    save_adapter(model, str(output_dir), accelerator=accelerator)
     if accelerator.is_main_process:
-        peft_model.save_pretrained(output_dir)
         metrics = {
             "dataset": args.dataset,
             "routing": args.routing,

@@ -44,7 +44,13 @@ from accelerate.utils import gather_object, send_to_device, set_seed
 from peft import get_peft_model
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from smear_peft import SmearConfig
 from smear_peft.data.glue import (
@@ -55,7 +61,12 @@ from smear_peft.data.glue import (
     load_raw_glue,
 )
 from smear_peft.data.glue_synthetic import synthetic_glue
-from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
+from smear_peft.data.prompts import (
+    BUILTIN_TEMPLATES_DIR,
+    PROMPTSOURCE_INSTALL_HINT,
+    promptsource_templates_dir,
+)
+from smear_peft.distributed import check_grad_clipping, generate, save_adapter
 from smear_peft.losses import per_example_seq2seq_loss
 from smear_peft.metrics import TASK_METRICS, load_glue_metric
 
@@ -263,7 +274,9 @@ def evaluate(model, loader, tokenizer, accelerator, max_answer_tokens: dict[str,
     for batch in loader:
         start = time.perf_counter()
         with accelerator.autocast():
-            generated = peft_model.generate(
+            # Through the sharded root (FSDP / ZeRO-3), on every process.
+            generated = generate(
+                model,
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 routing_tags=batch["routing_tags"],
@@ -337,7 +350,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- model: frozen T5 + expert routing blocks (+ trainable T5 layer norms, as the authors) -----------------------
     tokenizer = build_tokenizer(config)
-    model = get_peft_model(build_base_model(config), build_smear_config(config))
+    base = build_base_model(config)
+    if accelerator.distributed_type == "FSDP":
+        # FSDP2 refuses a parameter shared by two modules in different units: T5's encoder and decoder embed_tokens
+        # share `shared.weight` as separate modules in transformers 5. Make them one module (same computation).
+        base.encoder.embed_tokens = base.shared
+        base.decoder.embed_tokens = base.shared
+    model = get_peft_model(base, build_smear_config(config))
     smear = model.base_model  # the SMEAR tuner: REINFORCE's auxiliary loss and ST-Gumbel's temperature live here
     if accelerator.is_main_process:
         model.print_trainable_parameters()
@@ -398,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, scheduler, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, validation_loader, test_loader
     )
+    check_grad_clipping(accelerator, config["max_grad_norm"])  # DeepSpeed clips itself: same norm, or a warning
 
     # -- resume: model (with ST-Gumbel's temperature buffer), optimizer, scheduler and every process's RNG states ----
     start_step = 0
@@ -453,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:  # deviation: the token mean of each micro-batch, averaged over micro-batches and processes
                     task_loss = example_losses.sum() / num_tokens / accumulation
                 # REINFORCE's policy, entropy and baseline terms (a mean over the batch; zero for other methods).
-                loss = task_loss + smear.reinforce_loss(example_losses) / accumulation
+                loss = task_loss + smear.reinforce_loss(example_losses, outputs) / accumulation
                 accelerator.backward(loss)
             token_loss += example_losses.detach().sum()
             tokens += num_tokens
@@ -476,14 +496,7 @@ def main(argv: list[str] | None = None) -> None:
             token_loss.zero_()
             tokens.zero_()
 
-        if done % config["eval_every"] == 0 or done == config["max_steps"]:
-            validation = evaluate(model, validation_loader, tokenizer, accelerator, validation_answer_lengths)
-            accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
-            accelerator.print(
-                f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
-                f"(over tasks {validation['average_over_tasks']:.2f})"
-            )
-
+        # The checkpoint comes first: a failing validation must not cost the steps since the last one.
         if done % config["checkpoint_every"] == 0:
             checkpoint = os.path.join(output_dir, "checkpoints", f"checkpoint-{done}")
             accelerator.save_state(checkpoint)
@@ -493,6 +506,13 @@ def main(argv: list[str] | None = None) -> None:
                 for old in checkpoint_dirs(output_dir)[: -config["checkpoints_total_limit"]]:
                     shutil.rmtree(old)
             accelerator.wait_for_everyone()
+        if done % config["eval_every"] == 0 or done == config["max_steps"]:
+            validation = evaluate(model, validation_loader, tokenizer, accelerator, validation_answer_lengths)
+            accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
+            accelerator.print(
+                f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
+                f"(over tasks {validation['average_over_tasks']:.2f})"
+            )
     train_seconds = time.perf_counter() - started
 
     # -- test: every example under every template, greedy generation ------------------------------------------------
@@ -501,10 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.log({f"test/{k}": v for k, v in test.items()}, step=config["max_steps"])
     accelerator.print(metrics_table(test))
 
-    accelerator.wait_for_everyone()
+    # Gathered on every process (FSDP / ZeRO-3 shards), written by rank 0, read back: raises on an empty adapter.
+    save_adapter(model, output_dir, accelerator=accelerator)
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
-        peft_model.save_pretrained(output_dir)
         metrics = {
             "step": config["max_steps"],
             "routing": config["routing"] + ("+" if config["tag_plus"] else ""),

@@ -159,13 +159,17 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     stay partitioned and are left out. Under FSDP the whole model is gathered (to CPU)."""
     engine = engine_of(model)
     if engine == "fsdp1":
-        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
             state = model.state_dict()
     elif engine == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     elif engine == "deepspeed3":
@@ -225,6 +229,8 @@ def save_adapter(
         config.save_pretrained(path)
         tensors = {k: v.detach().clone().contiguous() for k, v in saved.items()}  # no shared storage
         save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+        if hasattr(peft_model, "create_or_update_model_card"):
+            peft_model.create_or_update_model_card(path)  # PEFT's README, as save_pretrained writes it
         verify_saved_adapter(path, saved)
     if _distributed():
         dist.barrier()

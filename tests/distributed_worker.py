@@ -73,7 +73,11 @@ def batch(model_name: str, rank: int) -> dict:
 
 
 def loss_of(model: nn.Module, model_name: str, rank: int) -> torch.Tensor:
-    from smear_peft.losses import per_example_classification_loss, per_example_seq2seq_loss, reinforce_loss
+    from smear_peft.losses import (
+        per_example_classification_loss,
+        per_example_seq2seq_loss,
+        reinforce_loss,
+    )
 
     inputs = batch(model_name, rank)
     torch.manual_seed(1000 + rank)  # sampled routing (reinforce) draws the same experts as the reference
@@ -143,7 +147,8 @@ def run_fsdp2(model_name: str, routing: str, rank: int) -> dict:
 
 def run_fsdp1(model_name: str, routing: str, rank: int, use_orig_params: bool) -> dict:
     from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     model = build(model_name, routing)
     reference = copy.deepcopy(model)

@@ -31,10 +31,10 @@ from smear_peft.distributed import (
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 ROUTINGS = ["smear", "top_k", "ensemble", "reinforce"]
 MODELS = ["t5", "resnet"]
-FAST = ["fsdp2:t5:reinforce", "fsdp1:resnet:reinforce", "fsdp1_orig:t5:smear", "bn_sync:broadcast", "bn_sync:mean",
-        "save:fsdp2:t5", "save:fsdp1:resnet"]
+FAST = ["fsdp2:t5:reinforce", "fsdp1:resnet:reinforce", "bn_sync:broadcast", "save:fsdp2:t5"]
 FULL = [f"{engine}:{model}:{routing}" for engine in ("fsdp2", "fsdp1", "fsdp1_orig") for model in MODELS for routing in ROUTINGS]
-FULL += ["save:fsdp1:t5", "save:fsdp1_orig:t5", "save:fsdp2:resnet", "save:fsdp1_orig:resnet"]
+FULL += ["bn_sync:mean", "save:fsdp1:t5", "save:fsdp1_orig:t5", "save:fsdp2:resnet", "save:fsdp1:resnet",
+         "save:fsdp1_orig:resnet"]
 FULL = [s for s in FULL if s not in FAST]
 
 
