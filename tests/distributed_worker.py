@@ -272,6 +272,74 @@ def run_save(engine: str, model_name: str, rank: int, out_dir: str) -> dict:
     return result
 
 
+def run_deepspeed(stage: int, model_name: str, routing: str, rank: int, out_dir: str) -> dict:
+    """DeepSpeed ZeRO-``stage`` (CPU accelerator, gloo) driven directly: one SGD step (lr 1) compared with one process,
+    then `save_adapter` / `generate` / reload as in `run_save`; under ZeRO-3 also a naive rank-0 ``save_pretrained``,
+    which `verify_saved_adapter` must reject (its tensors are empty)."""
+    import deepspeed
+    from peft import PeftModel
+
+    # DeepSpeed's CPU communication backend JIT-compiles a shared-memory op (minutes of C++); gloo needs none.
+    for name in list(deepspeed.ops.__compatible_ops__):
+        if "shm" in name:
+            deepspeed.ops.__compatible_ops__[name] = False
+
+    from smear_peft.distributed import gather_state_dict, generate, save_adapter, verify_saved_adapter
+
+    model = build(model_name, routing)
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    ref_loss, ref_grads = reference_step(reference, model_name)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
+                                      optimizer=torch.optim.SGD(trainable, lr=1.0))
+    loss = loss_of(engine, model_name, rank)
+    engine.backward(loss)
+    engine.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    state = gather_state_dict(engine)
+    grads = {n: before[n] - state[n] for n in before if n in state}
+    worst, scale, missing = max_diff(grads, ref_grads)
+    result = {"loss": total.item() / WORLD, "ref_loss": ref_loss, "grad_diff": worst, "grad_scale": scale,
+              "missing": missing, "units": stage}
+    path = os.path.join(out_dir, f"zero{stage}-{model_name}")
+    saved = save_adapter(engine, path)
+    result["saved_tensors"] = len(saved)
+    if stage == 3 and rank == 0:
+        naive = path + "-naive"
+        engine.module.save_pretrained(naive)  # what examples/glue.py did: zero-element tensors
+        try:
+            verify_saved_adapter(naive)
+            result["naive_rejected"] = False
+        except RuntimeError:
+            result["naive_rejected"] = True
+    engine.eval()
+    probe = {k: v for k, v in batch(model_name, 7).items() if k != "labels"}
+    if model_name == "t5":
+        probe["decoder_input_ids"] = torch.zeros(MICRO_BATCH, 1, dtype=torch.long)
+    with torch.no_grad():
+        logits = engine(**probe).logits
+        tokens = generate(engine, input_ids=probe["input_ids"], attention_mask=probe["attention_mask"],
+                          max_new_tokens=4, do_sample=False) if model_name == "t5" else None
+    if rank == 0:
+        import transformers
+
+        fresh = build(model_name, routing).base_model.model
+        torch.manual_seed(0)
+        fresh = (transformers.T5ForConditionalGeneration if model_name == "t5" else transformers.ResNetForImageClassification)(fresh.config)
+        reloaded = PeftModel.from_pretrained(fresh, path).eval()
+        with torch.no_grad():
+            result["logit_diff"] = (reloaded(**probe).logits - logits).abs().max().item()
+            if tokens is not None:
+                again = reloaded.generate(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"],
+                                          max_new_tokens=4, do_sample=False)
+                result["same_generation"] = bool(torch.equal(again, tokens))
+    return result
+
+
 def worker(rank: int, init_file: str, scenarios: list, out: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -279,6 +347,7 @@ def worker(rank: int, init_file: str, scenarios: list, out: str) -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(int(os.environ["SMEAR_WORKER_TRACE"]), exit=True)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
     try:
@@ -291,6 +360,9 @@ def worker(rank: int, init_file: str, scenarios: list, out: str) -> None:
                     results[scenario] = run_fsdp1(rest[0], rest[1], rank, engine == "fsdp1_orig")
                 elif engine == "bn_sync":
                     results[scenario] = run_bn_sync(rest[0], rank)
+                elif engine in ("zero2", "zero3"):
+                    results[scenario] = run_deepspeed(int(engine[-1]), rest[0], rest[1], rank,
+                                                      os.path.dirname(os.path.abspath(out)))
                 elif engine == "save":
                     results[scenario] = run_save(rest[0], rest[1], rank, os.path.dirname(os.path.abspath(out)))
                 else:
