@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model, set_peft_model_state_dict
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -50,6 +50,12 @@ from transformers.utils import logging as transformers_logging
 import smear_peft  # registers the SMEAR method with PEFT
 from smear_peft import ROUTING_METHODS, SmearConfig
 from smear_peft.data.routed_images import collate_routed_images
+from smear_peft.distributed import (
+    adapter_state_dict,
+    check_grad_clipping,
+    save_adapter,
+    sync_batch_norm_statistics,
+)
 from smear_peft.losses import per_example_classification_loss, reinforce_loss
 from smear_peft.recipes import authors_expert_dropout
 from smear_peft.scripts import (
@@ -276,6 +282,7 @@ def evaluate(accelerator, model, loader, domain_names):
     """Accuracy pooled over all examples (the authors' model-selection metric), per domain, and averaged over domains.
     Also returns the seconds spent in the forward pass and argmax, the authors' inference time."""
     model.eval()
+    sync_batch_norm_statistics(model)  # FSDP / DeepSpeed don't broadcast buffers as DDP does: rank 0's, as under DDP
     correct = torch.zeros(len(domain_names), dtype=torch.long, device=accelerator.device)
     total = torch.zeros_like(correct)
     seconds = 0.0
@@ -416,6 +423,7 @@ def main(argv=None):
         model, optimizer, train_loader, validation_loader, test_loader
     )
     peft_model = accelerator.unwrap_model(model)
+    check_grad_clipping(accelerator, args.grad_clip_norm)  # DeepSpeed clips itself: same norm, or a warning
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     if checkpoint:
@@ -480,7 +488,8 @@ def main(argv=None):
                     state.step,
                     validation,
                 )
-                state.best_adapter = {k: v.cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+                # Gathered on every process: under FSDP / ZeRO-3 the parameters hold shards.
+                state.best_adapter = {k: v.cpu().clone() for k, v in adapter_state_dict(model, accelerator=accelerator).items()}
             say(
                 f"step {state.step}: validation accuracy {validation['accuracy']:.4f} "
                 f"(best {state.best_accuracy:.4f} at step {state.best_step})"
@@ -504,8 +513,9 @@ def main(argv=None):
         + results_table(state.best_validation, test)
     )
     accelerator.log({"test/accuracy": test["accuracy"], "test/domain_average": test["domain_average"]}, step=state.step)
+    # Gathered on every process (FSDP / ZeRO-3 shards), written by rank 0, read back: raises on an empty adapter.
+    save_adapter(model, str(output_dir), accelerator=accelerator)
     if accelerator.is_main_process:
-        peft_model.save_pretrained(output_dir)
         metrics = {
             "dataset": args.dataset,
             "routing": args.routing,

@@ -44,7 +44,13 @@ from accelerate.utils import gather_object, send_to_device, set_seed
 from peft import get_peft_model
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import smear_peft
 from smear_peft import ROUTING_METHODS, SmearConfig
@@ -58,6 +64,7 @@ from smear_peft.data.glue import (
 )
 from smear_peft.data.glue_synthetic import synthetic_glue
 from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
+from smear_peft.distributed import check_grad_clipping, generate, save_adapter
 from smear_peft.losses import per_example_seq2seq_loss, reinforce_loss
 from smear_peft.metrics import TASK_METRICS, load_glue_metric
 from smear_peft.recipes import authors_expert_dropout
@@ -278,7 +285,9 @@ def evaluate(model, loaders: dict, tokenizer, accelerator, max_answer_tokens: di
         for batch in loader:
             start = time.perf_counter()
             with accelerator.autocast():
-                generated = peft_model.generate(
+                # Through the sharded root (FSDP / ZeRO-3), on every process.
+                generated = generate(
+                    model,
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     routing_tags=batch["routing_tags"],
@@ -347,7 +356,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- model: frozen T5 + expert routing blocks (+ trainable T5 layer norms, as the authors) -----------------------
     tokenizer = build_tokenizer(config)
-    model = get_peft_model(build_base_model(config), build_smear_config(config))
+    base = build_base_model(config)
+    if accelerator.distributed_type == "FSDP":
+        # FSDP2 refuses a parameter shared by two modules in different units: T5's encoder and decoder embed_tokens
+        # share `shared.weight` as separate modules in transformers 5. Make them one module (same computation).
+        base.encoder.embed_tokens = base.shared
+        base.decoder.embed_tokens = base.shared
+    model = get_peft_model(base, build_smear_config(config))
     smear = model.base_model  # the SMEAR tuner: REINFORCE's auxiliary loss and ST-Gumbel's temperature live here
     if accelerator.is_main_process:
         model.print_trainable_parameters()
@@ -414,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     validation_loaders = {task: accelerator.prepare(loader) for task, loader in validation_loaders.items()}
     test_loaders = {task: accelerator.prepare(loader) for task, loader in test_loaders.items()}
+    check_grad_clipping(accelerator, config["max_grad_norm"])  # DeepSpeed clips itself: same norm, or a warning
 
     # -- resume: model (with ST-Gumbel's temperature buffer), optimizer, scheduler and every process's RNG states ----
     start_step = 0
@@ -485,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
             token_loss.zero_()
             tokens.zero_()
 
+        # The checkpoint comes first: a failing validation must not cost the steps since the last one.
+        if done % config["checkpoint_every"] == 0:
+            save_checkpoint(accelerator, output_dir, done, config["checkpoints_total_limit"])
         if done % config["eval_every"] == 0 or done == config["max_steps"]:
             validation = evaluate(model, validation_loaders, tokenizer, accelerator, validation_answer_lengths)
             accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
@@ -492,9 +511,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
                 f"(over tasks {validation['average_over_tasks']:.2f})"
             )
-
-        if done % config["checkpoint_every"] == 0:
-            save_checkpoint(accelerator, output_dir, done, config["checkpoints_total_limit"])
     train_seconds = time.perf_counter() - started
 
     # -- test: every example under every template, greedy generation ------------------------------------------------
@@ -503,10 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.log({f"test/{k}": v for k, v in test.items()}, step=config["max_steps"])
     accelerator.print(metrics_table(test))
 
-    accelerator.wait_for_everyone()
+    # Gathered on every process (FSDP / ZeRO-3 shards), written by rank 0, read back: raises on an empty adapter.
+    save_adapter(model, output_dir, accelerator=accelerator)
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
-        peft_model.save_pretrained(output_dir)
         if config["authors_backbone"]:  # the frozen cross-attention bias, needed to reload the adapter exactly
             save_authors_backbone(peft_model, output_dir)
         metrics = {

@@ -50,6 +50,13 @@ class Experts(nn.Module):
         self.up_weight = nn.Parameter(torch.empty(num_experts, bottleneck_size, hidden_size))
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The down-projections: a ``.weight`` so that size / ``requires_grad`` based FSDP wrap policies (PEFT's
+        ``fsdp_auto_wrap_policy``, which wraps leaf modules whose ``weight`` is trainable) make the experts their own
+        unit, keeping trainable and frozen parameters in different flat parameters (``use_orig_params=False``)."""
+        return self.down_weight
+
+    @property
     def num_experts(self) -> int:
         return self.down_weight.shape[0]
 

@@ -186,6 +186,12 @@ class FrameHooks:
                     "carry: call the model with return_dict=True."
                 )
             object.__setattr__(output, "smear_reinforce_terms", frame.reinforce_terms)
+            # Wrappers that rebuild the output (FSDP1's root and DDP copy a dataclass output field by field) keep its
+            # tensors but drop the attribute: the terms also ride on the output's tensors (`losses.reinforce_terms_of`).
+            values = output.values() if hasattr(output, "values") else ()
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    value.smear_reinforce_terms = frame.reinforce_terms
         return None
 
     # -- the model -------------------------------------------------------------------------------------------------

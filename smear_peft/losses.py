@@ -116,7 +116,7 @@ def reinforce_loss(outputs: Any, example_losses: Optional[torch.Tensor]) -> torc
             "reinforce_loss(outputs, example_losses): pass the model's output, not the model (the REINFORCE terms "
             "belong to the forward that produced them): `loss = out.loss + reinforce_loss(out, per_example)`."
         )
-    terms = {a: t for a, t in (getattr(outputs, "smear_reinforce_terms", None) or {}).items() if t[1]}
+    terms = {a: t for a, t in (reinforce_terms_of(outputs) or {}).items() if t[1]}
     device = example_losses.device if isinstance(example_losses, torch.Tensor) else None
     total = torch.zeros((), device=device)
     if not terms:
@@ -143,4 +143,18 @@ def reinforce_loss(outputs: Any, example_losses: Optional[torch.Tensor]) -> torc
 
 def has_reinforce_terms(outputs: Any) -> bool:
     """Whether a forward recorded REINFORCE terms (a training forward of a REINFORCE adapter)."""
-    return any(t[1] for t in (getattr(outputs, "smear_reinforce_terms", None) or {}).values())
+    return any(t[1] for t in (reinforce_terms_of(outputs) or {}).values())
+
+
+def reinforce_terms_of(outputs: Any) -> Optional[dict]:
+    """The REINFORCE terms a forward recorded: on the output, else on one of its tensors (a wrapper such as FSDP1's
+    root or DDP may return a rebuilt copy of the output, which keeps the tensors but not the output's attribute)."""
+    terms = getattr(outputs, "smear_reinforce_terms", None)
+    if terms is not None:
+        return terms
+    values = outputs.values() if hasattr(outputs, "values") else outputs if isinstance(outputs, (tuple, list)) else ()
+    for value in values:
+        terms = getattr(value, "smear_reinforce_terms", None) if isinstance(value, torch.Tensor) else None
+        if terms is not None:
+            return terms
+    return None

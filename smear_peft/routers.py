@@ -68,6 +68,12 @@ class ReinforceBaseline(nn.Module):
         self.bias2 = nn.Parameter(torch.empty(1))
         self.reset_parameters(init_std)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first layer's weight: a ``.weight`` so that PEFT's ``fsdp_auto_wrap_policy`` makes the baseline its own
+        FSDP unit (see `Experts.weight`)."""
+        return self.weight1
+
     @torch.no_grad()
     def reset_parameters(self, init_std: float) -> None:
         nn.init.normal_(self.weight1, std=init_std)
