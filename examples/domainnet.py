@@ -423,7 +423,7 @@ def main(argv=None):
         model, optimizer, train_loader, validation_loader, test_loader
     )
     peft_model = accelerator.unwrap_model(model)
-    check_grad_clipping(accelerator, args.grad_clip_norm)  # DeepSpeed clips itself: same norm, or a warning
+    check_grad_clipping(accelerator, args.max_grad_norm)  # DeepSpeed clips itself: same norm, or a warning
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     if checkpoint:
