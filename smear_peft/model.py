@@ -139,53 +139,32 @@ class SmearModel(BaseTuner):
         preset = self.preset
         side = self._side_of(current_key)
         role = "encoder_output" if side == "decoder" else "causal" if peft_config.causal_routing else "input"
-        if peft_config.expert_type != "adapter":
-            self._wrap_linear(peft_config, adapter_name, routing, target, target_name, parent, current_key, side, role)
-            return
-        layout = block_layout(preset, current_key, parent, target)
+        if peft_config.expert_type != "adapter":  # LoRA / (IA)³ experts on a Linear (or Conv1D) target
+            shape = linear_shape(target, current_key)
+            placement = dict(hidden_size=shape.in_features, position="linear", post_norm=False, linear_shape=shape)
+        else:  # the paper's block on a sublayer's output (or input)
+            layout = block_layout(preset, current_key, parent, target)
+            placement = dict(
+                hidden_size=layout.hidden_size,
+                channel_dim=layout.channel_dim,
+                position=layout.position,
+                flattened=layout.flattened,
+                post_norm=preset.post_norm if preset else True,
+                input_norm=preset.input_norm if preset else "none",
+            )
         new_module = SmearLayer(
             target,
             adapter_name,
             peft_config,
             routing,
-            hidden_size=layout.hidden_size,
             frames=self.frames,
             role=role,
             source_size=self._encoder_output_size() if role == "encoder_output" else None,
             side=side,
             block_index=self._num_blocks,
             block_name=current_key,
-            channel_dim=layout.channel_dim,
-            position=layout.position,
-            flattened=layout.flattened,
-            post_norm=preset.post_norm if preset else True,
-            input_norm=preset.input_norm if preset else "none",
             reference=_first_floating_tensor(self.model),
-        )
-        object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-
-    def _wrap_linear(self, config, adapter_name, routing, target, target_name, parent, current_key, side, role) -> None:
-        """A `SmearLayer` with LoRA / (IA)³ experts on a Linear (or Conv1D) target."""
-        shape = linear_shape(target, current_key)
-        new_module = SmearLayer(
-            target,
-            adapter_name,
-            config,
-            routing,
-            hidden_size=shape.in_features,
-            frames=self.frames,
-            role=role,
-            source_size=self._encoder_output_size() if role == "encoder_output" else None,
-            side=side,
-            block_index=self._num_blocks,
-            block_name=current_key,
-            position="linear",
-            post_norm=False,
-            reference=_first_floating_tensor(self.model),
-            linear_shape=shape,
+            **placement,
         )
         object.__setattr__(self, "_num_blocks", self._num_blocks + 1)
         if adapter_name not in self.active_adapters:
