@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+from .losses import output_tensors
 from .frames import GenerationSession, RelayRoutingGradient, RoutingFrame, pool
 from .routing import content_keys
 
@@ -188,10 +189,8 @@ class FrameHooks:
             object.__setattr__(output, "smear_reinforce_terms", frame.reinforce_terms)
             # Wrappers that rebuild the output (FSDP1's root and DDP copy a dataclass output field by field) keep its
             # tensors but drop the attribute: the terms also ride on the output's tensors (`losses.reinforce_terms_of`).
-            values = output.values() if hasattr(output, "values") else ()
-            for value in values:
-                if isinstance(value, torch.Tensor):
-                    value.smear_reinforce_terms = frame.reinforce_terms
+            for value in output_tensors(output):
+                value.smear_reinforce_terms = frame.reinforce_terms
         return None
 
     # -- the model -------------------------------------------------------------------------------------------------

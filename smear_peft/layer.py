@@ -289,16 +289,19 @@ class SmearLayer(nn.Module, BaseTunerLayer):
                 keys=keys,
             )
         )
-        if decision.log_prob is not None and frame.records:
-            if not torch.is_grad_enabled() and frame.grad_enabled:
-                raise RuntimeError(
-                    f"routing='{routing.name}' trains its router from terms recorded in the forward pass, which "
-                    "reentrant gradient checkpointing runs without gradients. Use non-reentrant checkpointing: "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
-                )
+        if decision.log_prob is not None and frame.records and not torch.is_grad_enabled() and frame.grad_enabled:
+            raise RuntimeError(
+                f"routing='{routing.name}' trains its router from terms recorded in the forward pass, which "
+                "reentrant gradient checkpointing runs without gradients. Use non-reentrant checkpointing: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
+        if decision.log_prob is not None and (frame.records or torch.is_grad_enabled()):
+            # A checkpoint's recomputation runs the baseline too (it must save the same tensors as the forward did),
+            # but the terms belong to the original forward only.
             baseline = self.smear_baseline[adapter](normalized)
-            terms = AuxiliaryTerms(decision.log_prob, decision.entropy, baseline, example)
-            frame.reinforce_terms.setdefault(adapter, (routing.config, []))[1].append(terms)
+            if frame.records:
+                terms = AuxiliaryTerms(decision.log_prob, decision.entropy, baseline, example)
+                frame.reinforce_terms.setdefault(adapter, (routing.config, []))[1].append(terms)
         if frame.recorder is not None and frame.records:
             frame.recorder.record(self, adapter, decision, tags)
         return decision

@@ -16,6 +16,7 @@ In a plain PyTorch / Accelerate loop, REINFORCE is one extra line::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -152,9 +153,17 @@ def reinforce_terms_of(outputs: Any) -> Optional[dict]:
     terms = getattr(outputs, "smear_reinforce_terms", None)
     if terms is not None:
         return terms
-    values = outputs.values() if hasattr(outputs, "values") else outputs if isinstance(outputs, (tuple, list)) else ()
-    for value in values:
-        terms = getattr(value, "smear_reinforce_terms", None) if isinstance(value, torch.Tensor) else None
+    for value in output_tensors(outputs):
+        terms = getattr(value, "smear_reinforce_terms", None)
         if terms is not None:
             return terms
     return None
+
+
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The tensors a model output holds: itself when it is a bare tensor, else its values (a ``ModelOutput`` or dict)
+    or items (a tuple or list)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    values = outputs.values() if isinstance(outputs, Mapping) else outputs if isinstance(outputs, (tuple, list)) else ()
+    return [value for value in values if isinstance(value, torch.Tensor)]

@@ -184,6 +184,42 @@ def test_checkpointed_layers_recompute_in_their_calls_frame(reentrant):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_reinforce_under_non_reentrant_checkpointing_equals_no_checkpointing():
+    """The recomputed layers save the same tensors as the forward (the baseline included) and record no second set of
+    terms: task and REINFORCE gradients equal those without checkpointing."""
+    inputs = batch(85)
+
+    def gradients(checkpointing: bool):
+        model = smear_t5(routing="reinforce")
+        model.train()
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(7)  # the sampled experts
+        out = model(**inputs)
+        (out.loss + reinforce_loss(out, torch.tensor([1.0, 2.0, 4.0]))).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    assert any("smear_baseline" in name for name in plain) and any("smear_router" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reinforce_terms_ride_on_a_bare_tensor_output():
+    """A model whose forward returns one tensor (no ModelOutput) still carries its REINFORCE terms."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model = get_peft_model(mlp, SmearConfig(num_experts=3, bottleneck_size=4, target_modules=["0"], routing="reinforce"))
+    model.train()
+    out = model(torch.randn(5, 6))
+    assert isinstance(out, torch.Tensor)
+    loss = reinforce_loss(out, torch.arange(5.0))
+    assert loss.requires_grad and loss.item() != 0.0
+    loss.backward()
+    assert model.base_model.model[0].smear_router["default"].weight.grad.abs().sum() > 0
+
+
 def test_reinforce_with_reentrant_checkpointing_names_the_fix():
     model = smear_t5(routing="reinforce")
     model.train()

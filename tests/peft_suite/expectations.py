@@ -106,6 +106,24 @@ NOT_APPLICABLE = [
         raises=ValueError,
     ),
     Expectation(
+        "hash routing without keys under segment routing",
+        "a causal LM with causal_routing='segment' has no prompt whose ids could be hashed without reading later "
+        "tokens, so hash routing needs routing_keys on every call (SmearModel raises a ValueError saying so); these "
+        "generate tests build their own inputs, so they cannot pass them",
+        frozenset({"test_generate_half_prec", "test_generate_pos_args"}),
+        when=lambda p: _routing(p) == "hash" and _kwargs(p).get("causal_routing") == "segment",
+        raises=ValueError,
+    ),
+    Expectation(
+        "feedforward_modules read as 'this is IA3'",
+        "the test passes feedforward_modules=['lin0'] to every config class that has the field (it means IA3 there); "
+        "SmearConfig has it for expert_type='ia3' only and refuses it otherwise with a ValueError (the IA3-expert row "
+        "of the config matrix runs these tests, and tests/test_peft_api.py checks mixed modules_to_save for adapters)",
+        frozenset({"test_multiple_adapters_mixed_modules_to_save", "test_multiple_adapters_mixed_modules_to_save_order_switched"}),
+        when=lambda p: p.get("config_cls") is not None and getattr(p["config_cls"], "expert_type", "adapter") != "ia3",
+        raises=ValueError,
+    ),
+    Expectation(
         "Hub checkpoint",
         "the test hard-codes a Hub checkpoint (PEFT_ENCODER_DECODER_MODELS_TO_TEST[0]) and checks prompt learning's "
         "inputs_embeds path; CI downloads nothing",
@@ -113,11 +131,27 @@ NOT_APPLICABLE = [
         skip=True,
     ),
     Expectation(
+        "REINFORCE with reentrant checkpointing",
+        "REINFORCE trains its router from terms recorded in the forward pass, which reentrant checkpointing runs "
+        "without gradients: SmearModel raises a RuntimeError naming use_reentrant=False (the non-reentrant case "
+        "runs, and tests/test_frames.py checks its gradients equal those without checkpointing)",
+        frozenset({"test_training_encoder_decoders_gradient_checkpointing", "test_training_decoders_gradient_checkpointing"}),
+        when=lambda p: _routing(p) == "reinforce" and p.get("use_reentrant") is True,
+        raises=RuntimeError,
+    ),
+    Expectation(
         "trained layer norms",
-        "with train_layer_norms=True (the authors' T5 recipe, the preset default) the backbone's layer norms are "
-        "trained through modules_to_save; these two tests allow gradients only on parameters with the adapter prefix "
-        "(all pass with train_layer_norms=False)",
-        frozenset({"test_training_encoder_decoders_layer_indexing", "test_training_encoder_decoders_gradient_checkpointing"}),
+        "with train_layer_norms=True (the authors' T5 recipe, the presets' default) the backbone's layer norms are "
+        "trained through modules_to_save; these tests allow gradients only on parameters with the adapter prefix "
+        "(the matrix's train_layer_norms=False rows run them and pass)",
+        frozenset(
+            {
+                "test_training_encoder_decoders_layer_indexing",
+                "test_training_encoder_decoders_gradient_checkpointing",
+                "test_training_decoders_layer_indexing",
+                "test_training_decoders_gradient_checkpointing",
+            }
+        ),
         when=lambda p: _kwargs(p).get("train_layer_norms", True) is not False,
         raises=AssertionError,
     ),
@@ -156,45 +190,9 @@ NOT_APPLICABLE = [
     ),
 ]
 
-_UNINVESTIGATED = (
-    "fails since the round-2 merges (routing frames, causal presets, expert types, sharding); found by the last CI "
-    "check of the session and not yet investigated"
-)
-
-
-def _known_bug(title: str, tests: set, when=lambda p: True) -> Expectation:
-    return Expectation(title, _UNINVESTIGATED, frozenset(tests), when=when, skip=True, category="peft_known_bug")
-
-
-#: low_cpu_mem_usage, autocast_adapter_dtype=False, routing inputs under gradient checkpointing and in_features /
-#: out_features were fixed with the routing-frames redesign. Open (see the round-2 closing note):
-KNOWN_BUGS: list[Expectation] = [
-    _known_bug(
-        "REINFORCE on a model returning a bare tensor (hooks.py on_end attaches the terms to the output tensors)",
-        {"test_disable_adapters_with_merging", "test_inference_safetensors", "test_parameters_after_loading_model",
-         "test_training_custom_models"},
-        when=lambda p: p.get("test_name") == "MLP reinforce",
-    ),
-    _known_bug(
-        "mixed modules_to_save across adapters",
-        {"test_multiple_adapters_mixed_modules_to_save", "test_multiple_adapters_mixed_modules_to_save_order_switched"},
-    ),
-    _known_bug(
-        "hash routing with segment routing in generate (needs routing_keys, which PEFT's generate tests don't pass)",
-        {"test_generate_half_prec", "test_generate_pos_args"},
-        when=lambda p: _routing(p) == "hash",
-    ),
-    _known_bug("causal segment routing under gradient checkpointing", {"test_training_decoders_gradient_checkpointing"}),
-    _known_bug(
-        "layers_to_transform on the Llama preset", {"test_training_decoders_layer_indexing"},
-        when=lambda p: p.get("model_id") == "tiny-llama",
-    ),
-    _known_bug(
-        "REINFORCE under gradient checkpointing (reentrant: a clear error by design)",
-        {"test_training_encoder_decoders_gradient_checkpointing"},
-        when=lambda p: _routing(p) == "reinforce",
-    ),
-]
+#: Open smear-peft bugs found by PEFT's suite: none. (The round-2 list — REINFORCE on a bare-tensor output, REINFORCE
+#: under non-reentrant checkpointing — was fixed; its other entries were cases of the not-applicable reasons above.)
+KNOWN_BUGS: list[Expectation] = []
 
 
 def classify(test_name: str, params: dict) -> Optional[Expectation]:

@@ -6,6 +6,8 @@ only the matrix of configs is ours. Expected failures are listed in `expectation
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from smear_peft import SmearConfig
@@ -66,6 +68,14 @@ CUSTOM_CASES = [
 ]
 
 
+@dataclass
+class SmearIA3Config(SmearConfig):
+    """SmearConfig with (IA)3 experts unless told otherwise: PEFT's tests parametrised by the config class alone build
+    the configs themselves, so the expert type rides on the class."""
+
+    expert_type: str = "ia3"
+
+
 class SmearMockTransformerWrapper:
     """PEFT's MockTransformerWrapper, with models that accept the routing inputs."""
 
@@ -88,7 +98,7 @@ adopt(
     tcm.TestPeftCustomModel,
     {
         "test_name,model_id,config_cls,config_kwargs": CUSTOM_CASES,
-        "config_cls": [pytest.param(SmearConfig, id="SmearConfig")],
+        "config_cls": [pytest.param(SmearConfig, id="SmearConfig"), pytest.param(SmearIA3Config, id="SmearIA3Config")],
     },
     required=["test_name,model_id,config_cls,config_kwargs", "config_cls"],
 )
