@@ -26,9 +26,12 @@ def _config(config_id: str, **kwargs):
 
 
 #: One row per routing setting, run on every model of MODELS with smear-peft's presets (gpt2, llama).
+#: The causal presets train the backbone's layer norms; the rows without them run PEFT's training tests that allow
+#: gradients only on adapter parameters.
 DECODER_CONFIGS = [
     _config("smear"),
-    _config("hash", routing="hash"),
+    _config("smear-no-layer-norms", train_layer_norms=False),
+    _config("hash", routing="hash", train_layer_norms=False),
 ]
 MODELS = ["tiny-gpt2", "tiny-llama"]
 
