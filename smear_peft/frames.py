@@ -112,6 +112,14 @@ class RoutingFrame:
             "(only generate() repeats them for beams and return sequences)."
         )
 
+    def adapter_rows(self, batch_size: int) -> Optional[dict]:
+        """PEFT's mixed adapter batch of this call: ``{adapter: bool [batch_size] rows}`` (`mixed_batch`), or None."""
+        if self.adapter_names is None:
+            return None
+        from .mixed_batch import example_rows
+
+        return example_rows(self.adapter_names, batch_size, self.per_example)
+
     def tags_for(self, batch_size: int) -> Optional[torch.Tensor]:
         return self.per_example(self.tags, batch_size, "routing_tags")
 

@@ -12,6 +12,7 @@ from .config import SmearConfig
 from .experts import Experts
 from .expert_types import IA3Experts, LinearShape, LoraExperts, build_linear_experts, matches_modules
 from .frames import EMPTY_FRAME, FrameStack, RoutingFrame
+from .mixed_batch import active_for, select_rows
 from .routers import ReinforceBaseline, Router
 from .routing import RoutingInputs, RoutingMethod
 from .sources import RoutePlan, RoutingSource, routing_source
@@ -178,12 +179,14 @@ class SmearLayer(nn.Module, BaseTunerLayer):
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        frame = self._frames.current() or EMPTY_FRAME
+        if frame.adapter_names is not None and not self.disable_adapters:
+            return self._forward_mixed(frame, args, kwargs)
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.smear_experts]
         if self.merged_adapters:
             active = [a for a in active if a not in self.merged_adapters]
         if not active:
             return self.base_layer(*args, **kwargs)
-        frame = self._frames.current() or EMPTY_FRAME
         if self.position == "linear":
             return self._forward_linear(active, frame, *args, **kwargs)
         if self.position == "input":
@@ -196,6 +199,32 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         for adapter in active:
             hidden = self.apply_block(adapter, hidden, frame)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def _forward_mixed(self, frame: RoutingFrame, args: tuple, kwargs: dict) -> Any:
+        """PEFT's mixed adapter batch (`mixed_batch`): each example's rows from its adapter's block. The base layer
+        runs once (it may hold state, e.g. an attention layer's KV cache); a Linear layer with LoRA / (IA)3 experts
+        runs once per adapter."""
+        if frame.recorder is not None:
+            raise ValueError("RoutingRecorder cannot record a mixed adapter batch: record one adapter at a time.")
+        rows = frame.adapter_rows(frame.batch_size or _first_tensor(args, kwargs).shape[0])
+        adapters = {name: active_for(name, self.smear_experts) for name in rows}
+
+        def blocks(hidden: torch.Tensor) -> torch.Tensor:
+            results = {name: self.apply_block(active[0], hidden, frame) if active else hidden for name, active in adapters.items()}
+            return select_rows(results, rows)
+
+        if self.position == "linear":
+            results = {
+                name: self._forward_linear(active, frame, *args, **kwargs) if active else self.base_layer(*args, **kwargs)
+                for name, active in adapters.items()
+            }
+            return select_rows(results, rows)
+        if self.position == "input":
+            return self.base_layer(blocks(args[0]), *args[1:], **kwargs)
+        output = self.base_layer(*args, **kwargs)
+        if isinstance(output, tuple):
+            return (blocks(output[0]), *output[1:])
+        return blocks(output)
 
     def apply_block(self, adapter: str, hidden: torch.Tensor, frame: RoutingFrame = EMPTY_FRAME) -> torch.Tensor:
         """``hidden + post_norm(experts(...))`` for one adapter; ``hidden`` has the sublayer's layout and dtype."""
@@ -362,3 +391,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return f"smear.{super().__repr__()}"
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))

@@ -22,6 +22,7 @@ from .frames import CarryFrames, FrameStack, GenerationSession
 from .hooks import ROUTING_KWARGS, FrameHooks
 from .layer import SmearLayer
 from .losses import reinforce_loss
+from .mixed_batch import MixedModulesToSave, check_adapter_names
 from .routing import RoutingMethod, build_routing_method
 
 TagsLike = Union[torch.Tensor, Sequence[Union[int, str]], None]
@@ -65,6 +66,7 @@ class SmearModel(BaseTuner):
     def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
         # Tuner-level state must exist before BaseTuner.__init__ injects the adapter.
         object.__setattr__(self, "frames", FrameStack())
+        object.__setattr__(self, "_mixed_modules_to_save", MixedModulesToSave(self.frames))
         object.__setattr__(self, "_routing_methods", {})
         object.__setattr__(self, "_hook_handles", [])
         object.__setattr__(self, "_batch_norm_hook_handles", [])
@@ -394,13 +396,15 @@ class SmearModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """PEFT enters this around ``forward`` / ``generate`` with the call's keyword arguments."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "adapter_names= (PEFT's mixed adapter batches) is not supported by SMEAR adapters: the backbone layer "
-                "norms they train are PEFT modules_to_save, whose wrapper mixes batches only for Linear / Embedding / "
-                "Conv modules, so the result could not be exact. Call the model once per adapter (set_adapter) instead."
-            )
-        yield
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        merged = any(getattr(m, "merged_adapters", None) for m in self.model.modules() if isinstance(m, SmearLayer))
+        names = check_adapter_names(names, self.peft_config, self.training, merged)
+        self._mixed_modules_to_save.attach(self.model)
+        with self.frames.scope(adapter_names=names):
+            yield
 
     def forward(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)

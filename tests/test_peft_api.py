@@ -1,8 +1,9 @@
 """PEFT's API conventions for SMEAR adapters: empty (meta) creation, adapter dtype, device of targets without
-parameters, unload."""
+parameters, unload, mixed adapter batches."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
@@ -88,12 +89,79 @@ def test_unload_keeps_trained_modules_to_save_or_restores_the_untouched_base_mod
     assert all(torch.equal(untouched[k], original[k]) for k in original)
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored():
-    import pytest
+def two_adapters(base, **config):
+    """``base`` with adapters "default" and "other" (random experts; "other" also moves its trained copies)."""
+    model = get_peft_model(base, SmearConfig(num_experts=2, init_weights=False, **config))
+    model.add_adapter("other", SmearConfig(num_experts=3, init_weights=False, **config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".other" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model.eval()
 
-    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, reduction_factor=4)).eval()
-    model.add_adapter("other", SmearConfig(num_experts=2, reduction_factor=4))
-    with pytest.raises(ValueError, match="adapter_names"):
-        model(**t5_inputs(), adapter_names=["default", "other"])
-    with pytest.raises(ValueError, match="adapter_names"):
-        model.generate(input_ids=t5_inputs()["input_ids"], adapter_names=["default", "other"], max_new_tokens=2)
+
+def run_as(model, name, fn):
+    """``fn()`` with adapter ``name`` active ("__base__": adapters disabled)."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return fn()
+    model.set_adapter(name)
+    return fn()
+
+
+NAMES = ["other", "__base__", "default", "other"]
+
+
+def test_mixed_adapter_batch_forward_takes_each_example_from_its_adapter():
+    """Each example equals its row of the whole batch run with its adapter (bitwise) and the example run alone; the
+    trained layer norms (modules_to_save) are mixed too."""
+    model = two_adapters(tiny_t5(), reduction_factor=4)
+    torch.manual_seed(3)
+    ids = torch.randint(2, 64, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.zeros(4, 3, dtype=torch.long)}
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            whole = run_as(model, name, lambda: model(**inputs).logits)
+            assert torch.equal(mixed[i], whole[i]), name
+            alone = run_as(model, name, lambda: model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits)
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        # the adapters really differ, so the rows above prove the selection
+        model.set_adapter("default")
+        assert (model(**inputs).logits[0] - mixed[0]).abs().max() > 1e-3
+
+
+def test_mixed_adapter_batch_generate_with_beams_and_a_causal_lm_with_lora_experts():
+    from .test_causal import tiny_causal
+
+    t5 = two_adapters(tiny_t5(), reduction_factor=4)
+    llama = two_adapters(tiny_causal("llama"), expert_type="lora", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(4)
+    ids = torch.randint(2, 64, (4, 5))
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # left padding (causal LM)
+    for model, options in ((t5, {"num_beams": 2}), (llama, {"use_cache": True}), (llama, {"use_cache": False})):
+        with torch.no_grad():
+            mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=4, do_sample=False, **options)
+            for i, name in enumerate(NAMES):
+                whole = run_as(model, name, lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **options))
+                assert torch.equal(mixed[i], whole[i]), (name, options)
+
+
+def test_mixed_adapter_batches_refuse_what_they_cannot_do_exactly():
+    model = two_adapters(tiny_t5(), reduction_factor=4)
+    inputs = t5_inputs()
+    for names, message in (
+        (["default", "nope"], "unknown adapters"),
+        ("default", "list of adapter names"),
+        (["default"], "exactly one per example"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model(**inputs, adapter_names=names)
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        model(**inputs, adapter_names=["default", "other"])
+    assert model.base_model.frames.current() is None
