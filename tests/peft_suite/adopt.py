@@ -96,3 +96,13 @@ def accept_routing_inputs(model):
         _ACCEPTING[base] = type(base.__name__, (RoutingInputsModel, base), {"__module__": base.__module__})
     model.__class__ = _ACCEPTING[base]
     return model
+
+
+class WithRoutingInputs:
+    """Mixin for the adopted test classes: PEFT's test inputs plus the case's routing tags / keys (`ROUTING_INPUTS`;
+    `_wrap` sets ``routing_inputs`` for each test)."""
+
+    routing_inputs: dict = {}
+
+    def prepare_inputs_for_testing(self):
+        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)

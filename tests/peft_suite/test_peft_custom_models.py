@@ -13,7 +13,7 @@ import pytest
 from smear_peft import SmearConfig
 
 from . import upstream
-from .adopt import accept_routing_inputs, adopt, with_routing_inputs
+from .adopt import accept_routing_inputs, adopt, WithRoutingInputs
 
 #: PEFT's shared tester runs in CI's slow pass (about 6 minutes on 2 cores).
 pytestmark = pytest.mark.slow
@@ -84,12 +84,8 @@ class SmearMockTransformerWrapper:
         return accept_routing_inputs(tcm.MockTransformerWrapper.from_pretrained(model_id, dtype=dtype))
 
 
-class TestSmearCustomModels(tcm.TestPeftCustomModel):
+class TestSmearCustomModels(WithRoutingInputs, tcm.TestPeftCustomModel):
     transformers_class = SmearMockTransformerWrapper
-    routing_inputs: dict = {}
-
-    def prepare_inputs_for_testing(self):
-        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)
 
 
 # Tests parametrised only by the config class (multiple adapters, set_adapter, requires_grad) take SmearConfig().

@@ -8,7 +8,7 @@ import pytest
 from smear_peft import SmearConfig
 
 from . import upstream
-from .adopt import adopt, with_routing_inputs
+from .adopt import adopt, WithRoutingInputs
 from .models import TinyModels
 
 #: PEFT's shared tester runs in CI's slow pass (about 6 minutes on 2 cores).
@@ -36,12 +36,8 @@ DECODER_CONFIGS = [
 MODELS = ["tiny-gpt2", "tiny-llama"]
 
 
-class TestSmearDecoderModels(tdm.TestDecoderModels):
+class TestSmearDecoderModels(WithRoutingInputs, tdm.TestDecoderModels):
     transformers_class = TinyModels
-    routing_inputs: dict = {}
-
-    def prepare_inputs_for_testing(self):
-        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)
 
 
 adopt(

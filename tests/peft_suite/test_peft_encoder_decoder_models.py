@@ -8,7 +8,7 @@ import pytest
 from smear_peft import SmearConfig
 
 from . import upstream
-from .adopt import adopt, with_routing_inputs
+from .adopt import adopt, WithRoutingInputs
 from .models import TinyModels
 
 #: PEFT's shared tester runs in CI's slow pass (about 6 minutes on 2 cores).
@@ -50,12 +50,8 @@ def select(params: dict) -> bool:
     return params.get("model_id") != "tiny-bart" or _CONFIG_IDS.get(id(params.get("config_kwargs"))) in BART_CONFIGS
 
 
-class TestSmearEncoderDecoderModels(ted.TestEncoderDecoderModels):
+class TestSmearEncoderDecoderModels(WithRoutingInputs, ted.TestEncoderDecoderModels):
     transformers_class = TinyModels
-    routing_inputs: dict = {}
-
-    def prepare_inputs_for_testing(self):
-        return with_routing_inputs(super().prepare_inputs_for_testing(), self.routing_inputs)
 
 
 adopt(
