@@ -12,6 +12,8 @@ import torch
 from .expectations import classify
 
 _OUTCOMES: collections.Counter = collections.Counter()
+#: Collected cases per entry of `expectations.py` (its category and title).
+_LISTED: collections.Counter = collections.Counter()
 
 
 def pytest_configure(config):
@@ -34,6 +36,7 @@ def pytest_collection_modifyitems(session, config, items):
         kept.append(item)
         expectation = classify(item.originalname, item.callspec.params)
         if expectation is not None:
+            _LISTED[(expectation.category, expectation.title)] += 1
             item.add_marker(expectation.marker())
             item.add_marker(getattr(pytest.mark, expectation.category)(expectation.title))
     if deselected:
@@ -63,6 +66,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", "PEFT conformance (tests/peft_suite)")
         for outcome, count in sorted(_OUTCOMES.items()):
             terminalreporter.write_line(f"{count:6d} {outcome}")
+        for (category, title), count in sorted(_LISTED.items()):
+            terminalreporter.write_line(f"{count:6d}   of them {category.removeprefix('peft_').replace('_', ' ')}: {title}")
         from .adopt import DROPPED
 
         for cls, names in sorted(DROPPED.items()):
