@@ -165,3 +165,27 @@ def test_mixed_adapter_batches_refuse_what_they_cannot_do_exactly():
     with pytest.raises(ValueError, match="eval"):
         model(**inputs, adapter_names=["default", "other"])
     assert model.base_model.frames.current() is None
+
+
+def test_mixed_adapter_batches_belong_to_their_call_across_threads():
+    import threading
+
+    model = two_adapters(tiny_t5(), reduction_factor=4)
+    inputs = {**t5_inputs(), "decoder_input_ids": torch.zeros(2, 2, dtype=torch.long)}
+    calls = [{"adapter_names": ["other", "__base__"]}, {}]  # a mixed batch, and a plain call of the active adapter
+    with torch.no_grad():
+        expected = [model(**inputs, **extra).logits for extra in calls]
+    failures = []
+
+    def worker(index: int):
+        with torch.no_grad():
+            for call in range(20):
+                if not torch.equal(model(**inputs, **calls[index]).logits, expected[index]):
+                    failures.append((index, call))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and not torch.equal(expected[0], expected[1])
