@@ -14,6 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from smear_peft.distributed import CPU_SHARDING_ENV
+
+from .uploads import intercept_uploads
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "glue.py"
 TINY = REPO / "examples" / "configs" / "glue_tiny.yaml"
@@ -34,14 +38,28 @@ def load_script():
 glue = load_script()
 
 
-def run_script(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+def run_script(
+    args: list[str], processes: int = 1, engine_config: Path | None = None, env_update: dict | None = None
+) -> subprocess.CompletedProcess:
     """Runs the script under `accelerate launch`, offline, on CPU. Two CPU processes need `--multi_gpu` plus
-    ACCELERATE_USE_CPU=1: `accelerate launch --cpu --num_processes 2` starts a single process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    ACCELERATE_USE_CPU=1: `accelerate launch --cpu --num_processes 2` starts a single process.
+
+    With `engine_config` (examples/configs/accelerate_zero3.yaml, ...) the engine runs on CPU processes through the
+    test-only switch SMEAR_PEFT_CPU_SHARDING=1 (smear_peft.distributed.make_accelerator), launched without --cpu
+    and ACCELERATE_USE_CPU, which would drop it. `env_update`: more environment variables (PYTHONPATH is prepended)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env_update = dict(env_update or {})
+    env["PYTHONPATH"] = os.pathsep.join([env_update.pop("PYTHONPATH", ""), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(env_update)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--num_processes", str(processes)]
-    launcher += ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    if engine_config is not None:
+        env.pop("ACCELERATE_USE_CPU", None)
+        env[CPU_SHARDING_ENV] = "1"
+        launcher += ["--config_file", str(engine_config)]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        launcher += ["--multi_gpu"] if processes > 1 else ["--cpu"]
     result = subprocess.run(
         [*launcher, str(SCRIPT), "--config", str(TINY), "--report_to", "none", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
@@ -204,6 +222,39 @@ def test_two_process_run_saves_an_adapter_that_reproduces_its_test_metrics(tmp_p
     for key, value in test.items():
         if key != "generation_seconds":
             assert again[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_zero3_run_saves_and_uploads_an_adapter_that_reproduces_its_test_metrics(tmp_path):
+    """`accelerate launch --config_file examples/configs/accelerate_zero3.yaml` on 2 CPU processes (the test-only
+    switch keeps DeepSpeed on CPU): the adapter is gathered from the ZeRO-3 partitions, reloads with
+    PeftModel.from_pretrained and gives the logged test metrics, generations included (their digest); --push_to_hub
+    uploads that saved folder (intercepted), once."""
+    env, uploads = intercept_uploads(tmp_path)
+    output_dir = tmp_path / "run"
+    result = run_script(
+        ["--output_dir", str(output_dir), "--max_steps", "20", "--checkpoint_every", "10", "--push_to_hub",
+         "--hub_model_id", "me/zero3"],
+        processes=2, engine_config=REPO / "examples" / "configs" / "accelerate_zero3.yaml", env_update=env,
+    )
+    assert "2 processes x 8 x 1 accumulation" in result.stdout
+    assert (output_dir / "checkpoints" / "checkpoint-20" / "zero_to_fp32.py").is_file()  # DeepSpeed's checkpoint
+
+    test = json.loads((output_dir / "metrics.json").read_text())["test"]
+    assert test["rows"] == 640
+    again = evaluate_saved_adapter(output_dir)
+    for key, value in test.items():
+        if key != "generation_seconds":
+            assert again[key] == pytest.approx(value, abs=1e-9), key
+
+    uploaded = uploads / "me--zero3"
+    assert [p.name for p in uploads.iterdir()] == ["me--zero3"]
+    assert sorted(p.name for p in uploaded.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "authors_backbone.safetensors"]
+    for name in ("adapter_model.safetensors", "authors_backbone.safetensors"):
+        assert (uploaded / name).read_bytes() == (output_dir / name).read_bytes(), name
+    card = (uploaded / "README.md").read_text()
+    assert "## SMEAR adapter" in card and "Routing blocks: 10" in card and "me/zero3" in card
 
 
 @pytest.mark.slow
