@@ -8,6 +8,8 @@ so a loop must
 * **gather before saving** (`gather_state_dict`, `save_adapter`): rank 0 alone holds a shard of each parameter (under
   ZeRO-3 an empty tensor), so every process must take part in gathering before rank 0 writes; `save_adapter` then
   reads the file back and raises if any tensor is missing, empty or different (`verify_saved_adapter`);
+* **load through the engine** (`load_adapter_state`): writing a gathered adapter back (a best-validation copy) into
+  ZeRO-3 partitions needs the parameters gathered while they are written;
 * **keep BatchNorm statistics in step** (`sync_batch_norm_statistics`): DDP broadcasts rank 0's buffers at every
   forward; FSDP and DeepSpeed don't, so each process's running statistics (``batch_norm_statistics="update"`` and the
   blocks' input BatchNorm) drift apart and evaluation on several processes mixes different models;
@@ -280,6 +282,39 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None, acc
     # `.state_dict()`, a collective inside FSDP1 units: so this runs on every process, with FSDP prefixes removed.
     with _clean_module_names(peft_model):
         return get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name)
+
+
+def load_adapter_state(model: nn.Module, state: dict, *, accelerator: Any = None, adapter_name: Optional[str] = None) -> None:
+    """Load an adapter state (what `adapter_state_dict` returns: gathered, PEFT's checkpoint keys) into ``model``, on
+    every process. A collective under ZeRO-3: call it on every process, each with the same ``state``.
+
+    Under ZeRO-3 the trainable parameters are gathered, written, and partitioned again (``GatheredParameters`` with
+    ``modifier_rank=0``); buffers (BatchNorm statistics) are not partitioned and are written directly. Under DDP,
+    ZeRO-1/2 or one process the parameters are whole and are written as they are. FSDP1 / FSDP2 (flattened or DTensor
+    parameters) are refused with NotImplementedError rather than loaded wrongly. Raises RuntimeError if ``state``
+    holds a key the model does not have."""
+    from peft import set_peft_model_state_dict
+
+    engine = engine_of(model)
+    if engine in ("fsdp1", "fsdp2"):
+        raise NotImplementedError(
+            f"Loading an adapter state into a {engine.upper()} model is not supported: its parameters are flattened "
+            "or DTensor shards. Use DeepSpeed (ZeRO-2/3) or DDP, or reload the saved adapter in one process "
+            "(PeftModel.from_pretrained(base_model, output_dir))."
+        )
+    peft_model = accelerator.unwrap_model(model) if accelerator is not None else _inner(model)
+    adapter_name = adapter_name or getattr(peft_model, "active_adapter", "default")
+    gathered = contextlib.nullcontext()
+    if engine == "deepspeed3":
+        import deepspeed
+
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        gathered = deepspeed.zero.GatheredParameters(trainable, modifier_rank=0)
+    with gathered:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise RuntimeError(f"The adapter state holds {len(result.unexpected_keys)} keys the model lacks, e.g. "
+                           f"{result.unexpected_keys[0]}: it was taken from another model.")
 
 
 def save_adapter(

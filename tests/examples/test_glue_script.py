@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from smear_peft.distributed import CPU_SHARDING_ENV
-
-from .uploads import intercept_uploads
+from .launching import accelerate_launch, intercept_uploads
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "glue.py"
@@ -41,31 +37,9 @@ glue = load_script()
 def run_script(
     args: list[str], processes: int = 1, engine_config: Path | None = None, env_update: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Runs the script under `accelerate launch`, offline, on CPU. Two CPU processes need `--multi_gpu` plus
-    ACCELERATE_USE_CPU=1: `accelerate launch --cpu --num_processes 2` starts a single process.
-
-    With `engine_config` (examples/configs/accelerate_zero3.yaml, ...) the engine runs on CPU processes through the
-    test-only switch SMEAR_PEFT_CPU_SHARDING=1 (smear_peft.distributed.make_accelerator), launched without --cpu
-    and ACCELERATE_USE_CPU, which would drop it. `env_update`: more environment variables (PYTHONPATH is prepended)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env_update = dict(env_update or {})
-    env["PYTHONPATH"] = os.pathsep.join([env_update.pop("PYTHONPATH", ""), str(REPO), env.get("PYTHONPATH", "")])
-    env.update(env_update)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--num_processes", str(processes)]
-    if engine_config is not None:
-        env.pop("ACCELERATE_USE_CPU", None)
-        env[CPU_SHARDING_ENV] = "1"
-        launcher += ["--config_file", str(engine_config)]
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"
-        launcher += ["--multi_gpu"] if processes > 1 else ["--cpu"]
-    result = subprocess.run(
-        [*launcher, str(SCRIPT), "--config", str(TINY), "--report_to", "none", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return result
+    """glue.py on the tiny config under `accelerate launch` (tests/examples/launching.py), offline, on CPU."""
+    return accelerate_launch(SCRIPT, ["--config", str(TINY), "--report_to", "none", *args], processes, engine_config,
+                             env_update)
 
 
 # -- settings ---------------------------------------------------------------------------------------------------------
