@@ -198,21 +198,30 @@ def test_two_process_run_saves_an_adapter_that_reproduces_its_test_metrics(tmp_p
             assert again[key] == pytest.approx(value, abs=1e-9), key
 
 
+# The sharding engines' accelerate configs, each with a file only that engine's checkpoints hold.
+ENGINES = {
+    "zero3": ("accelerate_zero3.yaml", "zero_to_fp32.py"),
+    "fsdp2": ("accelerate_fsdp2.yaml", "pytorch_model_fsdp.bin"),
+}
+
+
 @pytest.mark.slow
-def test_zero3_run_saves_and_uploads_an_adapter_that_reproduces_its_test_metrics(tmp_path):
-    """`accelerate launch --config_file examples/configs/accelerate_zero3.yaml` on 2 CPU processes (the test-only
-    switch keeps DeepSpeed on CPU): the adapter is gathered from the ZeRO-3 partitions, reloads with
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sharded_run_saves_and_uploads_an_adapter_that_reproduces_its_test_metrics(engine, tmp_path):
+    """`accelerate launch --config_file examples/configs/accelerate_zero3.yaml` (or _fsdp2) on 2 CPU processes (the
+    test-only switch keeps the engine on CPU): the adapter is gathered from the shards, reloads with
     PeftModel.from_pretrained and gives the logged test metrics, generations included (their digest); --push_to_hub
     uploads that saved folder (intercepted), once."""
+    config_file, checkpoint_file = ENGINES[engine]
     env, uploads = intercept_uploads(tmp_path)
     output_dir = tmp_path / "run"
     result = run_script(
         ["--output_dir", str(output_dir), "--max_steps", "20", "--checkpoint_every", "10", "--push_to_hub",
-         "--hub_model_id", "me/zero3"],
-        processes=2, engine_config=REPO / "examples" / "configs" / "accelerate_zero3.yaml", env_update=env,
+         "--hub_model_id", f"me/{engine}"],
+        processes=2, engine_config=REPO / "examples" / "configs" / config_file, env_update=env,
     )
     assert "2 processes x 8 x 1 accumulation" in result.stdout
-    assert (output_dir / "checkpoints" / "checkpoint-20" / "zero_to_fp32.py").is_file()  # DeepSpeed's checkpoint
+    assert (output_dir / "checkpoints" / "checkpoint-20" / checkpoint_file).is_file()  # the engine's own checkpoint
 
     test = json.loads((output_dir / "metrics.json").read_text())["test"]
     assert test["rows"] == 640
@@ -221,14 +230,14 @@ def test_zero3_run_saves_and_uploads_an_adapter_that_reproduces_its_test_metrics
         if key != "generation_seconds":
             assert again[key] == pytest.approx(value, abs=1e-9), key
 
-    uploaded = uploads / "me--zero3"
-    assert [p.name for p in uploads.iterdir()] == ["me--zero3"]
+    uploaded = uploads / f"me--{engine}"
+    assert [p.name for p in uploads.iterdir()] == [uploaded.name]
     assert sorted(p.name for p in uploaded.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "authors_backbone.safetensors"]
     for name in ("adapter_model.safetensors", "authors_backbone.safetensors"):
         assert (uploaded / name).read_bytes() == (output_dir / name).read_bytes(), name
     card = (uploaded / "README.md").read_text()
-    assert "## SMEAR adapter" in card and "Routing blocks: 10" in card and "me/zero3" in card
+    assert "## SMEAR adapter" in card and "Routing blocks: 10" in card and f"me/{engine}" in card
 
 
 @pytest.mark.slow
