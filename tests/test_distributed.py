@@ -23,7 +23,9 @@ from smear_peft.distributed import (
     CPU_SHARDING_ENV,
     check_grad_clipping,
     engine_of,
+    adapter_state_dict,
     generate,
+    load_adapter_state,
     make_accelerator,
     save_adapter,
     set_deepspeed_micro_batch,
@@ -144,6 +146,31 @@ def test_helpers_are_no_ops_without_a_process_group(tmp_path):
                        model.generate(input_ids=inputs, max_new_tokens=3, do_sample=False))
     saved = save_adapter(model, str(tmp_path / "adapter"))
     assert saved and all(v.numel() for v in saved.values())
+
+
+def test_load_adapter_state_writes_a_gathered_copy_back_or_refuses():
+    from peft import get_peft_model
+
+    from smear_peft import SmearConfig
+    from tests.conftest import tiny_t5
+
+    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, reduction_factor=4)).eval()
+    best = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    load_adapter_state(model, best)
+    assert all(torch.equal(adapter_state_dict(model)[k], v) for k, v in best.items())
+    with pytest.raises(RuntimeError, match="keys the model lacks"):
+        load_adapter_state(model, {**best, "base_model.model.nowhere.weight": torch.ones(1)})
+
+    from unittest import mock
+
+    for engine in ("fsdp1", "fsdp2"):  # flattened / DTensor parameters: refused, never written wrongly
+        with mock.patch("smear_peft.distributed.engine_of", return_value=engine), \
+                pytest.raises(NotImplementedError, match="Use DeepSpeed"):
+            load_adapter_state(model, best)
 
 
 def test_verify_saved_adapter_rejects_empty_and_missing_tensors(tmp_path):
