@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import DataLoaderConfiguration
 from accelerate.utils import set_seed
-from peft import get_peft_model, set_peft_model_state_dict
+from peft import get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -53,9 +53,13 @@ from smear_peft.data.routed_images import collate_routed_images
 from smear_peft.distributed import (
     adapter_state_dict,
     check_grad_clipping,
+    engine_of,
+    load_adapter_state,
+    make_accelerator,
     save_adapter,
     sync_batch_norm_statistics,
 )
+from smear_peft.hub import push_saved_adapter
 from smear_peft.losses import per_example_classification_loss, reinforce_loss
 from smear_peft.recipes import authors_expert_dropout
 from smear_peft.scripts import (
@@ -358,7 +362,7 @@ def main(argv=None):
     transformers_logging.set_verbosity_error()  # the load report would list the new head as "missing": it is meant to be
     transformers_logging.disable_progress_bar()
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=output_dir,
         # Each epoch's shuffle is seeded by (seed, epoch): identical on every process, and replayable on resume.
@@ -424,6 +428,13 @@ def main(argv=None):
     )
     peft_model = accelerator.unwrap_model(model)
     check_grad_clipping(accelerator, args.max_grad_norm)  # DeepSpeed clips itself: same norm, or a warning
+    if engine_of(model) in ("fsdp1", "fsdp2"):  # the best adapter could not be loaded back for the test: stop now
+        usage_error(
+            "Testing the best-validation adapter loads it back into the model, which this script does under DDP and "
+            "DeepSpeed (ZeRO-2/3) but not FSDP (smear_peft.distributed.load_adapter_state). ResNets fit on one GPU: "
+            "launch with examples/configs/accelerate_ddp.yaml or accelerate_zero3.yaml.",
+            "domainnet.py",
+        )
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     if checkpoint:
@@ -504,8 +515,8 @@ def main(argv=None):
         say("No validation accuracy above 0.0000: testing the last weights.")
         state.best_step = state.step
         state.best_validation, _ = evaluate(accelerator, model, validation_loader, domain_names)
-    else:
-        set_peft_model_state_dict(peft_model, state.best_adapter)
+    else:  # every process holds the gathered copy; under ZeRO-3 the partitions are gathered while it is written
+        load_adapter_state(model, state.best_adapter, accelerator=accelerator)
     test, inference_seconds = evaluate(accelerator, model, test_loader, domain_names)
     say(
         f"\nBest validation step {state.best_step} of {args.max_steps}; routing {args.routing}; "
@@ -531,7 +542,10 @@ def main(argv=None):
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         say(f"Adapter and metrics.json saved in {output_dir}")
         if args.push_to_hub:
-            smear_peft.push_to_hub(peft_model, args.hub_model_id)  # the adapter with its SMEAR model card
+            # The folder just saved (gathered on every process, read back) with its SMEAR model card; never this
+            # process's module, which holds shards under ZeRO-3.
+            push_saved_adapter(str(output_dir), args.hub_model_id,
+                               num_blocks=sum(1 for _ in peft_model.base_model.smear_layers()))
             say(f"Pushed to https://huggingface.co/{args.hub_model_id}")
     accelerator.end_training()
 

@@ -30,6 +30,7 @@ it did not write: starting afresh in a folder that holds an earlier run needs --
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -39,7 +40,6 @@ import datasets
 import torch
 import transformers
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 from peft import get_peft_model
 from torch.utils.data import BatchSampler, DataLoader
@@ -52,9 +52,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-import smear_peft
+import smear_peft  # noqa: F401  (registers the SMEAR method with PEFT)
 from smear_peft import ROUTING_METHODS, SmearConfig
-from smear_peft.authors_t5 import apply_authors_backbone, save_authors_backbone
+from smear_peft.authors_t5 import apply_authors_backbone, authors_backbone_weights, save_authors_backbone
 from smear_peft.data.glue import (
     GLUE_TASKS,
     ExamplesProportionalSampler,
@@ -64,7 +64,14 @@ from smear_peft.data.glue import (
 )
 from smear_peft.data.glue_synthetic import synthetic_glue
 from smear_peft.data.prompts import BUILTIN_TEMPLATES_DIR, PROMPTSOURCE_INSTALL_HINT, promptsource_templates_dir
-from smear_peft.distributed import check_grad_clipping, generate, save_adapter
+from smear_peft.distributed import (
+    check_grad_clipping,
+    generate,
+    make_accelerator,
+    save_adapter,
+    set_deepspeed_micro_batch,
+)
+from smear_peft.hub import push_saved_adapter
 from smear_peft.losses import per_example_seq2seq_loss, reinforce_loss
 from smear_peft.metrics import TASK_METRICS, load_glue_metric
 from smear_peft.recipes import authors_expert_dropout
@@ -276,7 +283,9 @@ def per_task_loaders(rows: datasets.Dataset, batch_size: int, collator) -> dict[
 @torch.no_grad()
 def evaluate(model, loaders: dict, tokenizer, accelerator, max_answer_tokens: dict[str, int]) -> dict:
     """Greedy generation on every process, task by task, gathered: the GLUE metrics of the rows, their two averages,
-    and the time spent in `generate` (what the authors time; the slowest process when there are several)."""
+    the time spent in `generate` (what the authors time; the slowest process when there are several), and
+    `predictions_sha256`, a digest of every (task, target, prediction) row, in any order: equal digests mean the same
+    generations, which is how a reloaded adapter is checked against its run (the tiny config's metrics are often 0)."""
     peft_model = accelerator.unwrap_model(model)
     was_training = peft_model.training
     peft_model.eval()
@@ -305,8 +314,15 @@ def evaluate(model, loaders: dict, tokenizer, accelerator, max_answer_tokens: di
     predictions, references, tasks = zip(*rows)
     scores = load_glue_metric().compute(predictions=predictions, references=references, tasks=tasks)
     scores["rows"] = len(rows)
+    digest = hashlib.sha256(json.dumps(sorted(zip(tasks, references, predictions))).encode())
+    scores["predictions_sha256"] = digest.hexdigest()
     scores["generation_seconds"] = max(gather_object([seconds]))
     return scores
+
+
+def numbers(scores: dict) -> dict:
+    """The numeric scores (what trackers log; the predictions' digest is kept for metrics.json)."""
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 
 def metrics_table(scores: dict) -> str:
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     report_to = None if config["report_to"] == "none" else config["report_to"].split(",")
     # `step_scheduler_with_optimizer=False`: the schedule counts optimizer steps of the whole 128-example batch,
     # however many processes share it (Accelerate would otherwise step it once per process).
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         mixed_precision=mixed_precision, log_with=report_to, project_dir=output_dir, step_scheduler_with_optimizer=False
     )
     if not accelerator.is_main_process:
@@ -352,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             f"processes ({processes}) x gradient accumulation steps; pick a per_device_batch_size that divides it.",
             "glue.py",
         )
+    try:  # this loop feeds its own batches: DeepSpeed learns their size here
+        set_deepspeed_micro_batch(accelerator, per_device_batch_size, accumulation)
+    except ValueError as error:
+        usage_error(str(error), "glue.py")
     set_seed(config["seed"])
 
     # -- model: frozen T5 + expert routing blocks (+ trainable T5 layer norms, as the authors) -----------------------
@@ -363,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         base.encoder.embed_tokens = base.shared
         base.decoder.embed_tokens = base.shared
     model = get_peft_model(base, build_smear_config(config))
+    # Frozen, saved with the adapter: taken now, whole (ZeRO-3 / FSDP leave each process a shard after prepare).
+    authors_weights = authors_backbone_weights(model) if config["authors_backbone"] else None
     smear = model.base_model  # the SMEAR tuner: REINFORCE's auxiliary loss and ST-Gumbel's temperature live here
     if accelerator.is_main_process:
         model.print_trainable_parameters()
@@ -506,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(accelerator, output_dir, done, config["checkpoints_total_limit"])
         if done % config["eval_every"] == 0 or done == config["max_steps"]:
             validation = evaluate(model, validation_loaders, tokenizer, accelerator, validation_answer_lengths)
-            accelerator.log({f"validation/{k}": v for k, v in validation.items()}, step=done)
+            accelerator.log({f"validation/{k}": v for k, v in numbers(validation).items()}, step=done)
             accelerator.print(
                 f"\nstep {done}: validation average {validation['average_over_metric_entries']:.2f} "
                 f"(over tasks {validation['average_over_tasks']:.2f})"
@@ -516,15 +538,14 @@ def main(argv: list[str] | None = None) -> None:
     # -- test: every example under every template, greedy generation ------------------------------------------------
     # The authors test the weights at the end of training (their best-checkpoint reload is commented out).
     test = evaluate(model, test_loaders, tokenizer, accelerator, test_answer_lengths)
-    accelerator.log({f"test/{k}": v for k, v in test.items()}, step=config["max_steps"])
+    accelerator.log({f"test/{k}": v for k, v in numbers(test).items()}, step=config["max_steps"])
     accelerator.print(metrics_table(test))
 
     # Gathered on every process (FSDP / ZeRO-3 shards), written by rank 0, read back: raises on an empty adapter.
     save_adapter(model, output_dir, accelerator=accelerator)
     if accelerator.is_main_process:
-        peft_model = accelerator.unwrap_model(model)
-        if config["authors_backbone"]:  # the frozen cross-attention bias, needed to reload the adapter exactly
-            save_authors_backbone(peft_model, output_dir)
+        if authors_weights is not None:  # the frozen cross-attention bias, needed to reload the adapter exactly
+            save_authors_backbone(authors_weights, output_dir)
         metrics = {
             "step": config["max_steps"],
             "routing": config["routing"] + ("+" if config["tag_plus"] else ""),
@@ -536,12 +557,12 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(metrics, f, indent=2)
         accelerator.print(f"Adapter and metrics.json saved in {output_dir}")
         if config["push_to_hub"]:
-            smear_peft.push_to_hub(peft_model, config["hub_model_id"])  # the adapter with its SMEAR model card
-            if config["authors_backbone"]:  # and the frozen cross-attention bias the adapter was trained with
-                from huggingface_hub import upload_file
-
-                upload_file(path_or_fileobj=os.path.join(output_dir, "authors_backbone.safetensors"),
-                            path_in_repo="authors_backbone.safetensors", repo_id=config["hub_model_id"])
+            # The folder just saved (gathered on every process, read back), with its SMEAR model card and the frozen
+            # cross-attention bias the adapter was trained with; never this process's module, which holds shards.
+            push_saved_adapter(
+                output_dir, config["hub_model_id"], num_blocks=sum(1 for _ in smear.smear_layers()),
+                extra_files=["authors_backbone.safetensors"] if authors_weights is not None else [],
+            )
     accelerator.end_training()
 
 

@@ -193,12 +193,26 @@ def apply_authors_backbone(
     return source
 
 
-def save_authors_backbone(model: nn.Module, output_dir: str) -> str:
+def authors_backbone_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen tensor the authors' backbone adds (decoder block 0's cross-attention position bias), by its key in
+    ``authors_backbone.safetensors``: a copy on CPU. Under ZeRO-3 / FSDP take it before ``accelerator.prepare``: the
+    weight is frozen, so it never changes, and afterwards a process holds only a shard of it."""
+    attention = _unwrapped(find_t5(model).decoder.block[0].layer[1].EncDecAttention)
+    return {CROSS_ATTENTION_BIAS_KEY: attention.relative_attention_bias.weight.detach().cpu().clone().contiguous()}
+
+
+def save_authors_backbone(source, output_dir: str) -> str:
     """Save the cross-attention bias weight into ``output_dir/authors_backbone.safetensors`` (reload it with
-    ``apply_authors_backbone(base, weights_dir=output_dir)``)."""
+    ``apply_authors_backbone(base, weights_dir=output_dir)``). ``source``: the model, or the tensors
+    `authors_backbone_weights` took from it (before sharding). Raises on an empty tensor (a shard's)."""
     from safetensors.torch import save_file
 
-    attention = _unwrapped(find_t5(model).decoder.block[0].layer[1].EncDecAttention)
+    weights = source if isinstance(source, dict) else authors_backbone_weights(source)
+    if any(tensor.numel() == 0 for tensor in weights.values()):
+        raise RuntimeError(
+            "The cross-attention bias is empty here: the model is sharded (ZeRO-3 / FSDP). Take the weights with "
+            "authors_backbone_weights(model) before accelerator.prepare and save those."
+        )
     path = os.path.join(output_dir, WEIGHTS_NAME)
-    save_file({CROSS_ATTENTION_BIAS_KEY: attention.relative_attention_bias.weight.detach().cpu().contiguous()}, path)
+    save_file(weights, path)
     return path

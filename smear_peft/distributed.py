@@ -8,6 +8,8 @@ so a loop must
 * **gather before saving** (`gather_state_dict`, `save_adapter`): rank 0 alone holds a shard of each parameter (under
   ZeRO-3 an empty tensor), so every process must take part in gathering before rank 0 writes; `save_adapter` then
   reads the file back and raises if any tensor is missing, empty or different (`verify_saved_adapter`);
+* **load through the engine** (`load_adapter_state`): writing a gathered adapter back (a best-validation copy) into
+  ZeRO-3 partitions needs the parameters gathered while they are written;
 * **keep BatchNorm statistics in step** (`sync_batch_norm_statistics`): DDP broadcasts rank 0's buffers at every
   forward; FSDP and DeepSpeed don't, so each process's running statistics (``batch_norm_statistics="update"`` and the
   blocks' input BatchNorm) drift apart and evaluation on several processes mixes different models;
@@ -16,6 +18,11 @@ so a loop must
 
 Every function works with or without Accelerate: it recognises the wrapper it is given (``FullyShardedDataParallel``,
 an ``fully_shard``-ed module, a DeepSpeed engine, DDP, or a plain model).
+
+Scripts build their ``Accelerator`` with `make_accelerator`, which is ``Accelerator(**kwargs)`` except under the
+test-only switch ``SMEAR_PEFT_CPU_SHARDING=1`` (`CPU_SHARDING_ENV`): Accelerate drops its DeepSpeed and FSDP plugins
+on CPU, and the switch keeps them, on CPU processes talking over gloo, so the tests can run the example scripts under
+``accelerate launch --config_file examples/configs/accelerate_zero3.yaml`` (or ``_fsdp1`` / ``_fsdp2``) without a GPU.
 """
 
 from __future__ import annotations
@@ -69,6 +76,80 @@ def _inner(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module) and engine_of(model) in ("fsdp1", "ddp", "deepspeed", "deepspeed3"):
         model = model.module
     return model
+
+
+# -- Accelerate on CPU (test-only switch) ----------------------------------------------------------------------------
+#: Test-only: set to 1 to keep Accelerate's DeepSpeed / FSDP plugin on CPU processes (gloo); read by `make_accelerator`.
+CPU_SHARDING_ENV = "SMEAR_PEFT_CPU_SHARDING"
+
+
+def make_accelerator(**kwargs: Any):
+    """``accelerate.Accelerator(**kwargs)``; under the test-only switch ``SMEAR_PEFT_CPU_SHARDING=1``, one whose
+    DeepSpeed or FSDP plugin (from ``accelerate launch --config_file ...``) runs on CPU processes over gloo.
+
+    Accelerate 1.16 drops both plugins on CPU: ``AcceleratorState`` selects DeepSpeed only when ``cpu`` is false
+    (and ``--cpu`` / ``ACCELERATE_USE_CPU`` force it true), and FSDP only for GPU-like process groups
+    (``MULTI_GPU``, ...), never ``MULTI_CPU``; with ``cpu`` false on a machine without a GPU, ``PartialState`` starts
+    no process group at all. The switch starts the gloo process group first (``PartialState(cpu=True)``), then lets
+    ``AcceleratorState`` see a non-CPU run: a GPU-like group type when FSDP is asked for. DeepSpeed's shared-memory
+    communication op, which would be compiled at start (minutes of C++), is turned off: gloo needs none.
+
+    For tests and debugging only: nothing is faster on CPU, and FSDP runs there only because torch's FSDP accepts a
+    CPU ``device_id``. Launch without ``--cpu`` and without ``ACCELERATE_USE_CPU`` (they drop the plugins again)."""
+    from accelerate import Accelerator
+
+    if os.environ.get(CPU_SHARDING_ENV, "") not in ("", "0"):
+        _keep_sharding_plugins_on_cpu()
+    return Accelerator(**kwargs)
+
+
+def _keep_sharding_plugins_on_cpu() -> None:
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise RuntimeError(
+            f"{CPU_SHARDING_ENV}=1 keeps Accelerate's DeepSpeed / FSDP plugins on CPU, but ACCELERATE_USE_CPU (or "
+            "`accelerate launch --cpu`, or `use_cpu: true` in the config file) drops them again: launch without it, "
+            "e.g. `accelerate launch --config_file examples/configs/accelerate_zero3.yaml --num_processes 2 ...`."
+        )
+    state = PartialState(cpu=True)  # the gloo process group on CPU (torchrun's environment)
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        import deepspeed
+
+        for name in list(deepspeed.ops.__compatible_ops__):
+            if "shm" in name:
+                deepspeed.ops.__compatible_ops__[name] = False
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
+        # AcceleratorState keeps the FSDP plugin only for GPU-like process groups; the device stays the CPU.
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def set_deepspeed_micro_batch(accelerator: Any, micro_batch_size: int, accumulation: int = 1) -> None:
+    """Tell DeepSpeed the per-process micro-batch size of a loop that feeds its own batches. Call before ``prepare``;
+    does nothing without DeepSpeed.
+
+    Accelerate reads DeepSpeed's ``train_micro_batch_size_per_gpu`` (``auto`` in the example configs) from the
+    training DataLoader given to ``prepare``, and refuses to prepare without one. Raises ValueError when the loop
+    accumulates gradients itself (``accumulation`` > 1): under DeepSpeed every ``accelerator.backward`` outside
+    ``accelerator.accumulate`` is an optimizer step, so the loop's accumulation would step at every micro-batch."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if accumulation != 1:
+        raise ValueError(
+            f"Under DeepSpeed this loop cannot accumulate gradients ({accumulation} micro-batches per step): every "
+            "backward is an optimizer step. Use per_device_batch_size = batch_size / processes (no accumulation), "
+            "or more processes."
+        )
+    configured = plugin.deepspeed_config.get("gradient_accumulation_steps", 1)
+    if configured not in (1, "auto"):
+        raise ValueError(
+            f"The DeepSpeed config sets gradient_accumulation_steps={configured}, but this loop does not accumulate "
+            "under DeepSpeed: set it to 1 (the examples/configs/accelerate_zero*.yaml files do)."
+        )
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = 1
 
 
 # -- BatchNorm statistics -------------------------------------------------------------------------------------------
@@ -201,6 +282,39 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None, acc
     # `.state_dict()`, a collective inside FSDP1 units: so this runs on every process, with FSDP prefixes removed.
     with _clean_module_names(peft_model):
         return get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name)
+
+
+def load_adapter_state(model: nn.Module, state: dict, *, accelerator: Any = None, adapter_name: Optional[str] = None) -> None:
+    """Load an adapter state (what `adapter_state_dict` returns: gathered, PEFT's checkpoint keys) into ``model``, on
+    every process. A collective under ZeRO-3: call it on every process, each with the same ``state``.
+
+    Under ZeRO-3 the trainable parameters are gathered, written, and partitioned again (``GatheredParameters`` with
+    ``modifier_rank=0``); buffers (BatchNorm statistics) are not partitioned and are written directly. Under DDP,
+    ZeRO-1/2 or one process the parameters are whole and are written as they are. FSDP1 / FSDP2 (flattened or DTensor
+    parameters) are refused with NotImplementedError rather than loaded wrongly. Raises RuntimeError if ``state``
+    holds a key the model does not have."""
+    from peft import set_peft_model_state_dict
+
+    engine = engine_of(model)
+    if engine in ("fsdp1", "fsdp2"):
+        raise NotImplementedError(
+            f"Loading an adapter state into a {engine.upper()} model is not supported: its parameters are flattened "
+            "or DTensor shards. Use DeepSpeed (ZeRO-2/3) or DDP, or reload the saved adapter in one process "
+            "(PeftModel.from_pretrained(base_model, output_dir))."
+        )
+    peft_model = accelerator.unwrap_model(model) if accelerator is not None else _inner(model)
+    adapter_name = adapter_name or getattr(peft_model, "active_adapter", "default")
+    gathered = contextlib.nullcontext()
+    if engine == "deepspeed3":
+        import deepspeed
+
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        gathered = deepspeed.zero.GatheredParameters(trainable, modifier_rank=0)
+    with gathered:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise RuntimeError(f"The adapter state holds {len(result.unexpected_keys)} keys the model lacks, e.g. "
+                           f"{result.unexpected_keys[0]}: it was taken from another model.")
 
 
 def save_adapter(

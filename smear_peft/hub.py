@@ -5,13 +5,16 @@
 * ``model.push_to_hub(repo)`` is PEFT's (inherited from transformers) and behaves as for every PEFT method: transformers
   replaces the README with its generic card. `push_to_hub` below uploads the adapter with the SMEAR card instead:
   ``smear_peft.push_to_hub(model, repo)``.
+* A folder already saved (under FSDP / ZeRO-3: by `smear_peft.distributed.save_adapter`, gathered on every process)
+  is uploaded as it is, with the SMEAR card: ``smear_peft.hub.push_saved_adapter(folder, repo)``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from typing import Optional
+from typing import Iterable, Optional
 
 from huggingface_hub import HfApi, ModelCard
 
@@ -86,14 +89,59 @@ def push_to_hub(
     create_pr: bool = False,
     **save_kwargs,
 ):
-    """Save the adapter, write its model card and upload the folder to ``repo_id``."""
+    """Save the adapter, write its model card and upload the folder to ``repo_id``.
+
+    This saves the module in this process: under FSDP / ZeRO-3, where it holds shards, save with
+    `smear_peft.distributed.save_adapter` on every process and upload that folder with `push_saved_adapter`."""
     save_kwargs.pop("tags", None)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder, **save_kwargs)
+        return push_saved_adapter(
+            folder, repo_id, num_blocks=sum(1 for _ in peft_model.base_model.smear_layers()),
+            commit_message=commit_message, commit_description=commit_description, private=private, token=token,
+            revision=revision, create_pr=create_pr,
+        )
+
+
+#: What `push_saved_adapter` uploads from a saved folder (the rest, e.g. checkpoints and logs, stays local).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+def push_saved_adapter(
+    saved_dir: str,
+    repo_id: str,
+    *,
+    num_blocks: Optional[int] = None,
+    extra_files: Iterable[str] = (),
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+):
+    """Upload the adapter saved in ``saved_dir`` (its `ADAPTER_FILES`, plus ``extra_files`` named relative to it) to
+    ``repo_id``, with the SMEAR section of the model card. Nothing else in the folder is uploaded.
+
+    The folder is what was saved, e.g. by `smear_peft.distributed.save_adapter`, which gathers sharded parameters on
+    every process: the upload never reads the model. Its tensors are checked first
+    (`smear_peft.distributed.verify_saved_adapter`): a missing or empty adapter raises instead of being uploaded."""
+    from peft import PeftConfig
+
+    from .distributed import verify_saved_adapter
+
+    verify_saved_adapter(saved_dir)
+    missing = [name for name in extra_files if not os.path.isfile(os.path.join(saved_dir, name))]
+    if missing:
+        raise FileNotFoundError(f"{saved_dir} has no {', '.join(missing)} to upload with the adapter.")
+    config = PeftConfig.from_pretrained(saved_dir)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        peft_model.save_pretrained(folder, **save_kwargs)
-        config = peft_model.active_peft_config
-        add_card_section(folder, config, repo_id, sum(1 for _ in peft_model.base_model.smear_layers()))
+        for name in [*ADAPTER_FILES, *extra_files]:
+            if os.path.isfile(os.path.join(saved_dir, name)):
+                shutil.copy2(os.path.join(saved_dir, name), os.path.join(folder, name))
+        add_card_section(folder, config, repo_id, num_blocks)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -20,10 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 from smear_peft.distributed import (
+    CPU_SHARDING_ENV,
     check_grad_clipping,
     engine_of,
+    adapter_state_dict,
     generate,
+    load_adapter_state,
+    make_accelerator,
     save_adapter,
+    set_deepspeed_micro_batch,
     sync_batch_norm_statistics,
     verify_saved_adapter,
 )
@@ -143,6 +148,31 @@ def test_helpers_are_no_ops_without_a_process_group(tmp_path):
     assert saved and all(v.numel() for v in saved.values())
 
 
+def test_load_adapter_state_writes_a_gathered_copy_back_or_refuses():
+    from peft import get_peft_model
+
+    from smear_peft import SmearConfig
+    from tests.conftest import tiny_t5
+
+    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, reduction_factor=4)).eval()
+    best = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    load_adapter_state(model, best)
+    assert all(torch.equal(adapter_state_dict(model)[k], v) for k, v in best.items())
+    with pytest.raises(RuntimeError, match="keys the model lacks"):
+        load_adapter_state(model, {**best, "base_model.model.nowhere.weight": torch.ones(1)})
+
+    from unittest import mock
+
+    for engine in ("fsdp1", "fsdp2"):  # flattened / DTensor parameters: refused, never written wrongly
+        with mock.patch("smear_peft.distributed.engine_of", return_value=engine), \
+                pytest.raises(NotImplementedError, match="Use DeepSpeed"):
+            load_adapter_state(model, best)
+
+
 def test_verify_saved_adapter_rejects_empty_and_missing_tensors(tmp_path):
     with pytest.raises(RuntimeError, match="No adapter_model"):
         verify_saved_adapter(str(tmp_path))
@@ -180,6 +210,28 @@ def test_check_grad_clipping_warns_and_sets_deepspeed_norm():
     with pytest.warns(UserWarning, match="gradient_clipping=1.0, not max_grad_norm=0.5"):
         assert check_grad_clipping(accelerator, 0.5) == 0.5
     assert engine.gradient_clipping() == 0.5 and plugin.deepspeed_config["gradient_clipping"] == 0.5
+
+
+def test_set_deepspeed_micro_batch_fills_the_config_or_names_the_fix():
+    set_deepspeed_micro_batch(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=None)), 8, 4)  # no-op
+    plugin = types.SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1})
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin))
+    set_deepspeed_micro_batch(accelerator, 8)
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1}
+    with pytest.raises(ValueError, match="per_device_batch_size = batch_size / processes"):
+        set_deepspeed_micro_batch(accelerator, 4, accumulation=2)
+    plugin.deepspeed_config["gradient_accumulation_steps"] = 4
+    with pytest.raises(ValueError, match="set it to 1"):
+        set_deepspeed_micro_batch(accelerator, 8)
+
+
+def test_cpu_sharding_switch_refuses_accelerates_cpu_flag(monkeypatch):
+    """The test-only switch and ACCELERATE_USE_CPU (`--cpu`) contradict each other: a clear error, before Accelerate
+    starts anything. (The switch itself runs in tests/examples: ZeRO-3 launches of glue.py and domainnet.py.)"""
+    monkeypatch.setenv(CPU_SHARDING_ENV, "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(RuntimeError, match="launch without it"):
+        make_accelerator()
 
 
 def test_experts_and_baseline_expose_weight_for_peft_wrap_policy():

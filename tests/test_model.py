@@ -341,3 +341,38 @@ def test_push_to_hub_uploads_the_adapter_with_a_smear_model_card(tmp_path):
     assert "library_name: peft" in card and "smear-peft" in card
     assert "Routing: `smear`" in card and "Experts per block: 4" in card and "Routing blocks: 10" in card
     assert "google/t5-v1_1-base" in card and 'PeftModel.from_pretrained(base_model, "someuser/smear-glue")' in card
+
+
+def test_push_saved_adapter_uploads_the_saved_files_only_and_refuses_an_empty_adapter(tmp_path):
+    """What the example scripts upload under FSDP / ZeRO-3: the folder `save_adapter` wrote, never the module."""
+    from safetensors.torch import save_file
+
+    from smear_peft.hub import push_saved_adapter
+
+    model = smear_t5()
+    saved = tmp_path / "run"
+    model.save_pretrained(saved)
+    (saved / "extra.safetensors").write_bytes(b"x")
+    (saved / "checkpoints").mkdir()  # the rest of an output folder stays local
+    (saved / "metrics.json").write_text("{}")
+    uploaded = {}
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded[repo_id] = {name: open(os.path.join(folder_path, name), "rb").read() for name in os.listdir(folder_path)}
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=lambda repo_id, **k: mock.Mock(repo_id=repo_id)), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder), \
+            mock.patch.object(type(model), "save_pretrained", side_effect=AssertionError("the module was saved")):
+        push_saved_adapter(str(saved), "me/run", num_blocks=10, extra_files=["extra.safetensors"])
+        files = uploaded["me/run"]
+        assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "extra.safetensors"}
+        assert files["adapter_model.safetensors"] == (saved / "adapter_model.safetensors").read_bytes()
+        assert "Routing blocks: 10" in files["README.md"].decode() and "me/run" in files["README.md"].decode()
+        with pytest.raises(FileNotFoundError, match="missing.bin"):
+            push_saved_adapter(str(saved), "me/other", extra_files=["missing.bin"])
+        # what a rank-0 save of a ZeRO-3 model holds: zero-element tensors; nothing is uploaded
+        save_file({k: torch.empty(0) for k in load_file(saved / "adapter_model.safetensors")},
+                  str(saved / "adapter_model.safetensors"))
+        with pytest.raises(RuntimeError, match="empty tensors"):
+            push_saved_adapter(str(saved), "me/empty")
+    assert set(uploaded) == {"me/run"}

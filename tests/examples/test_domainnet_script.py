@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from .launching import accelerate_launch, intercept_uploads
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "domainnet.py"
 DIGITS_CONFIG = REPO / "examples" / "configs" / "digits.yaml"
@@ -27,14 +29,11 @@ def load_script():
     return module
 
 
-def launch(*args: str, timeout: int = 900) -> str:
-    """``accelerate launch --cpu examples/domainnet.py ARGS`` offline; returns the output (fails with it on error)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", str(SCRIPT), *args]  # as the README
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return output
+def launch(*args: str, processes: int = 1, engine_config: Path | None = None, env_update: dict | None = None) -> str:
+    """``accelerate launch --cpu examples/domainnet.py ARGS`` offline (tests/examples/launching.py; or 2 processes,
+    or under a sharding engine); returns the output (fails with it on error)."""
+    result = accelerate_launch(SCRIPT, list(args), processes, engine_config, env_update)
+    return result.stdout + result.stderr
 
 
 # -- configuration -------------------------------------------------------------------------------------------------------
@@ -188,30 +187,61 @@ def test_digits_run_is_far_above_chance(digits_run: dict) -> None:
     assert "Digits backbone: pretraining" in digits_run["output"]
 
 
-@pytest.mark.slow
-def test_saved_adapter_reloads_with_the_same_test_accuracy(digits_run: dict) -> None:
+def assert_saved_adapter_reproduces_its_metrics(output_dir: Path, cache: Path) -> None:
+    """The adapter in ``output_dir``, reloaded with PeftModel.from_pretrained, gets the validation and test images
+    right exactly as metrics.json says, per domain (the validation: the best step's, the adapter's own)."""
     from peft import PeftModel
     from transformers import ResNetForImageClassification
 
     import smear_peft  # noqa: F401  (registers SMEAR with PEFT)
     from smear_peft.data.digits import load_digit_domains
 
-    metrics = json.loads((digits_run["output_dir"] / "metrics.json").read_text())
+    metrics = json.loads((output_dir / "metrics.json").read_text())
     backbone = Path(metrics["backbone"])
-    assert backbone.is_relative_to(digits_run["root"] / "cache")  # the private cache, not the user's
+    assert backbone.is_relative_to(cache)  # the private cache, not the user's
     base = ResNetForImageClassification.from_pretrained(backbone, num_labels=10)
-    model = PeftModel.from_pretrained(base, digits_run["output_dir"]).eval()
-    test = load_digit_domains(image_size=32).test
-    with torch.no_grad():
-        predictions = torch.cat([
-            model(pixel_values=test.pixel_values[i : i + 100], routing_tags=test.routing_tags[i : i + 100]).logits.argmax(-1)
-            for i in range(0, len(test), 100)
-        ])  # fmt: skip
-    correct = predictions == test.labels  # the same images must be right, so compare counts of correct predictions
-    assert correct.sum().item() == round(metrics["test"]["accuracy"] * len(test))
-    for tag, domain in enumerate(load_digit_domains(image_size=32).domain_names):
-        in_domain = test.routing_tags == tag
-        assert correct[in_domain].sum().item() == round(metrics["test"]["per_domain"][domain] * in_domain.sum().item())
+    model = PeftModel.from_pretrained(base, output_dir).eval()
+    splits = load_digit_domains(image_size=32)
+    for split, logged in ((splits.test, metrics["test"]), (splits.validation, metrics["validation"])):
+        with torch.no_grad():
+            predictions = torch.cat([
+                model(pixel_values=split.pixel_values[i : i + 100], routing_tags=split.routing_tags[i : i + 100]).logits.argmax(-1)
+                for i in range(0, len(split), 100)
+            ])  # fmt: skip
+        correct = predictions == split.labels  # the same images must be right: compare counts of correct predictions
+        assert correct.sum().item() == round(logged["accuracy"] * len(split))
+        for tag, domain in enumerate(splits.domain_names):
+            in_domain = split.routing_tags == tag
+            assert correct[in_domain].sum().item() == round(logged["per_domain"][domain] * in_domain.sum().item())
+
+
+@pytest.mark.slow
+def test_saved_adapter_reloads_with_the_same_test_accuracy(digits_run: dict) -> None:
+    assert_saved_adapter_reproduces_its_metrics(digits_run["output_dir"], digits_run["root"] / "cache")
+
+
+@pytest.mark.slow
+def test_zero3_run_tests_the_best_adapter_and_uploads_it(tmp_path: Path) -> None:
+    """`accelerate launch --config_file examples/configs/accelerate_zero3.yaml` on 2 CPU processes (the test-only
+    switch keeps DeepSpeed on CPU). A learning rate this high overshoots, so the best validation step comes before the
+    last: the best adapter must be written back into the ZeRO-3 partitions before testing. The saved adapter reloads
+    and reproduces both the best step's validation and the test metrics; --push_to_hub uploads that folder."""
+    env, uploads = intercept_uploads(tmp_path)
+    output_dir, max_steps = tmp_path / "run", 40
+    launch(
+        "--config", str(DIGITS_CONFIG), "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"),
+        "--pretrain_steps", "40", "--max_steps", str(max_steps), "--eval_every", "10", "--checkpoint_every", "20",
+        "--learning_rate", "0.05", "--report_to", "none", "--push_to_hub", "--hub_model_id", "me/digits-zero3",
+        processes=2, engine_config=REPO / "examples" / "configs" / "accelerate_zero3.yaml", env_update=env,
+    )  # fmt: skip
+    assert (output_dir / "checkpoints" / f"checkpoint-{max_steps}" / "zero_to_fp32.py").is_file()  # DeepSpeed's
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["best_step"] < max_steps
+    assert_saved_adapter_reproduces_its_metrics(output_dir, tmp_path / "cache")
+    uploaded = uploads / "me--digits-zero3"
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (uploaded / "adapter_model.safetensors").read_bytes() == (output_dir / "adapter_model.safetensors").read_bytes()
+    assert "Routing blocks: 8" in (uploaded / "README.md").read_text()
 
 
 @pytest.mark.slow

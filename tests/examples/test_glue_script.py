@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from .launching import accelerate_launch, intercept_uploads
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "glue.py"
@@ -34,20 +34,12 @@ def load_script():
 glue = load_script()
 
 
-def run_script(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
-    """Runs the script under `accelerate launch`, offline, on CPU. Two CPU processes need `--multi_gpu` plus
-    ACCELERATE_USE_CPU=1: `accelerate launch --cpu --num_processes 2` starts a single process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--num_processes", str(processes)]
-    launcher += ["--multi_gpu"] if processes > 1 else ["--cpu"]
-    result = subprocess.run(
-        [*launcher, str(SCRIPT), "--config", str(TINY), "--report_to", "none", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return result
+def run_script(
+    args: list[str], processes: int = 1, engine_config: Path | None = None, env_update: dict | None = None
+) -> subprocess.CompletedProcess:
+    """glue.py on the tiny config under `accelerate launch` (tests/examples/launching.py), offline, on CPU."""
+    return accelerate_launch(SCRIPT, ["--config", str(TINY), "--report_to", "none", *args], processes, engine_config,
+                             env_update)
 
 
 # -- settings ---------------------------------------------------------------------------------------------------------
@@ -204,6 +196,48 @@ def test_two_process_run_saves_an_adapter_that_reproduces_its_test_metrics(tmp_p
     for key, value in test.items():
         if key != "generation_seconds":
             assert again[key] == pytest.approx(value, abs=1e-9), key
+
+
+# The sharding engines' accelerate configs, each with a file only that engine's checkpoints hold.
+ENGINES = {
+    "zero3": ("accelerate_zero3.yaml", "zero_to_fp32.py"),
+    "fsdp2": ("accelerate_fsdp2.yaml", "pytorch_model_fsdp.bin"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_sharded_run_saves_and_uploads_an_adapter_that_reproduces_its_test_metrics(engine, tmp_path):
+    """`accelerate launch --config_file examples/configs/accelerate_zero3.yaml` (or _fsdp2) on 2 CPU processes (the
+    test-only switch keeps the engine on CPU): the adapter is gathered from the shards, reloads with
+    PeftModel.from_pretrained and gives the logged test metrics, generations included (their digest); --push_to_hub
+    uploads that saved folder (intercepted), once."""
+    config_file, checkpoint_file = ENGINES[engine]
+    env, uploads = intercept_uploads(tmp_path)
+    output_dir = tmp_path / "run"
+    result = run_script(
+        ["--output_dir", str(output_dir), "--max_steps", "20", "--checkpoint_every", "10", "--push_to_hub",
+         "--hub_model_id", f"me/{engine}"],
+        processes=2, engine_config=REPO / "examples" / "configs" / config_file, env_update=env,
+    )
+    assert "2 processes x 8 x 1 accumulation" in result.stdout
+    assert (output_dir / "checkpoints" / "checkpoint-20" / checkpoint_file).is_file()  # the engine's own checkpoint
+
+    test = json.loads((output_dir / "metrics.json").read_text())["test"]
+    assert test["rows"] == 640
+    again = evaluate_saved_adapter(output_dir)
+    for key, value in test.items():
+        if key != "generation_seconds":
+            assert again[key] == pytest.approx(value, abs=1e-9), key
+
+    uploaded = uploads / f"me--{engine}"
+    assert [p.name for p in uploads.iterdir()] == [uploaded.name]
+    assert sorted(p.name for p in uploaded.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "authors_backbone.safetensors"]
+    for name in ("adapter_model.safetensors", "authors_backbone.safetensors"):
+        assert (uploaded / name).read_bytes() == (output_dir / name).read_bytes(), name
+    card = (uploaded / "README.md").read_text()
+    assert "## SMEAR adapter" in card and "Routing blocks: 10" in card and f"me/{engine}" in card
 
 
 @pytest.mark.slow
