@@ -135,25 +135,6 @@ class LoraParameters(NamedTuple):
     b: torch.Tensor
 
 
-class LoraUpdate(NamedTuple):
-    """A per-unit LoRA update kept as its two factors, ``hidden`` ``[U, S, r]`` (``x A``) and ``b`` ``[U, r, out]``
-    (``s B``, times a ``select`` weight): added to the wrapped layer's output by one ``baddbmm`` (no ``[U, S, out]``
-    update tensor, no separate add)."""
-
-    hidden: torch.Tensor
-    b: torch.Tensor
-
-    def dense(self) -> torch.Tensor:
-        return torch.bmm(self.hidden, self.b)
-
-    def add_to(self, result: torch.Tensor) -> torch.Tensor:
-        """``result + update`` for a ``result`` holding ``U * S`` rows of ``out`` (any leading shape)."""
-        units, positions = self.hidden.shape[:2]
-        if result.dtype != self.b.dtype or result.numel() != units * positions * self.b.shape[-1]:
-            return result + self.dense().reshape(result.shape).to(result.dtype)
-        return torch.baddbmm(result.reshape(units, positions, -1), self.hidden, self.b).view(result.shape)
-
-
 class LoraExperts(nn.Module):
     """``num_experts`` LoRA experts as stacked tensors (a leaf module): ``lora_A`` ``[N, in, r]``, ``lora_B``
     ``[N, r, out]``. ``forward`` returns the update ``s * x A B`` (``x`` already through ``lora_dropout``)."""
@@ -181,17 +162,13 @@ class LoraExperts(nn.Module):
         self.lora_B.zero_()
 
     def forward(
-        self,
-        inputs: torch.Tensor,
-        decision: "RoutingDecision",
-        params: Optional[LoraParameters] = None,
-        factored: bool = False,
-    ) -> tuple[Union[torch.Tensor, LoraUpdate], Optional[LoraParameters]]:
+        self, inputs: torch.Tensor, decision: "RoutingDecision", params: Optional[LoraParameters] = None
+    ) -> tuple[torch.Tensor, Optional[LoraParameters]]:
         """The update ``[U, S, out]`` for ``inputs`` ``[U, S, in]`` as ``decision`` says; returns the per-unit
         parameters it merged or gathered (for decoding steps), as `smear_peft.experts.Experts` does.
 
-        ``factored``: return ``merge`` / ``select`` updates as a `LoraUpdate` (the caller adds it to the layer output).
-        The scaling ``s`` always multiplies the smallest operand (merged / gathered ``B``, or the mixing weights)."""
+        The scaling ``s`` multiplies the smallest operand (the merged / gathered ``B``, or the mixing weights), not the
+        ``[U, S, out]`` update: one small multiply instead of one over every position, forward and backward."""
         if decision.kind == "shared":
             flat = inputs.reshape(-1, inputs.shape[-1])
             out = (flat @ self.lora_A[0]) @ (self.lora_B[0] * self.scaling)
@@ -210,8 +187,7 @@ class LoraExperts(nn.Module):
             b = params.b
             if decision.kind == "select" and decision.weights is not None:
                 b = b * decision.weights.to(b.dtype)[:, None, None]
-            update = LoraUpdate(torch.bmm(inputs, params.a), b)
-            return (update if factored else update.dense()), params
+            return torch.bmm(torch.bmm(inputs, params.a), b), params
         weights = decision.weights.to(inputs.dtype) * self.scaling
         if decision.index is None:  # every expert (ensemble), mixed inside the two contractions
             num, in_features, rank = self.lora_A.shape

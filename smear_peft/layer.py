@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import SmearConfig
 from .experts import Experts
-from .expert_types import IA3Experts, LinearShape, LoraExperts, LoraUpdate, build_linear_experts, matches_modules
+from .expert_types import IA3Experts, LinearShape, LoraExperts, build_linear_experts, matches_modules
 from .frames import EMPTY_FRAME, FrameStack, RoutingFrame
 from .routers import ReinforceBaseline, Router
 from .routing import RoutingInputs, RoutingMethod
@@ -209,23 +209,19 @@ class SmearLayer(nn.Module, BaseTunerLayer):
             delta = self.smear_post_norm[adapter](delta)
         return hidden + self._from_tokens(delta, hidden).to(hidden.dtype)
 
-    def _run_experts(
-        self, adapter: str, route_tokens: torch.Tensor, tokens: torch.Tensor, frame: RoutingFrame, factored: bool = False
-    ) -> Union[torch.Tensor, LoraUpdate]:
+    def _run_experts(self, adapter: str, route_tokens: torch.Tensor, tokens: torch.Tensor, frame: RoutingFrame) -> torch.Tensor:
         """Route on ``route_tokens`` ``[B, S, C]`` (by the adapter's source) and apply the experts to ``tokens``
-        ``[B, S, C']``: the output ``[B, S, out]`` (for adapters both are the block input). ``factored`` (LoRA
-        experts): a merged / selected update may come back as a `LoraUpdate` (when units are the examples)."""
+        ``[B, S, C']``: the output ``[B, S, out]`` (for adapters both are the block input)."""
         experts = self.smear_experts[adapter]
         routing = self.smear_routing[adapter]
         plan = self.smear_source[adapter].plan(self, adapter, route_tokens, frame, needs_input=routing.uses_router)
-        options = {"factored": True} if factored and plan.layout is None else {}
         if plan.cached is not None:
             decision, params = plan.cached
-            delta, _ = experts(tokens, decision, params, **options)
+            delta, _ = experts(tokens, decision, params)
             return delta
         decision = self._decide(adapter, routing, plan, route_tokens, frame)
         units = tokens if plan.layout is None else plan.layout.gather(tokens)
-        delta, params = experts(units, decision, **options)
+        delta, params = experts(units, decision)
         if plan.layout is not None:
             delta = plan.layout.scatter(delta, tokens)
         if plan.store is not None:
@@ -242,7 +238,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
             routed = tokens.to(experts.dtype)
             if isinstance(experts, LoraExperts):
                 inputs = self.smear_dropout[adapter](routed) if adapter in self.smear_dropout else routed
-                lora_updates.append(self._run_experts(adapter, routed, inputs, frame, factored=True))
+                lora_updates.append(self._run_experts(adapter, routed, inputs, frame))
             else:
                 scale = 1.0 + self._run_experts(adapter, routed, routed, frame)
                 if experts.feedforward:
@@ -255,10 +251,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         for scale in output_scales:
             result = (result * scale.reshape(*result.shape[:-1], -1)).to(result.dtype)
         for update in lora_updates:
-            if isinstance(update, LoraUpdate):
-                result = update.add_to(result)  # one baddbmm: result + (x A)(s B)
-            else:
-                result = result + update.reshape(*result.shape[:-1], -1).to(result.dtype)
+            result = result + update.reshape(*result.shape[:-1], -1).to(result.dtype)
         return result
 
     def _linear_tokens(self, x: torch.Tensor, frame: RoutingFrame) -> torch.Tensor:
