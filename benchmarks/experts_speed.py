@@ -12,15 +12,18 @@ method targets the same seven projections of every layer (q/k/v/o, gate/up/down)
 * ``ia3`` (the baseline of the (IA)³ ratios) and ``smear_ia3`` (8 (IA)³ experts) on PEFT's IA3 targets (k, v, down).
 
 Tasks: inference (a forward of ``batch`` x ``seq_len`` tokens), a training step (forward with labels, backward,
-AdamW), and generation of ``--new_tokens`` (64) tokens greedily from a ``--prompt_len`` prompt with the KV cache (not
-for X-LoRA, which disables it). SMEAR routes on the first ``--prompt_len`` tokens (``routing_mask``) in inference and
-training, on the prompt in generation.
+AdamW: torch's default implementation, or ``--optimizer adamw_fused``, the fused kernel that transformers' ``Trainer``
+uses by default), and generation of ``--new_tokens`` (64) tokens greedily from a ``--prompt_len`` prompt with the KV
+cache (not for X-LoRA, which disables it). SMEAR routes on the first ``--prompt_len`` tokens (``routing_mask``) in
+inference and training, on the prompt in generation.
 
 Timing as ``benchmarks/speed.py``: one torch thread, CPU time of this process (``time.process_time``), configurations
 interleaved with the order rotating every repeat, medians; ratios are to the baseline measured in the same run.
 
     python benchmarks/experts_speed.py                 # writes benchmarks/results/experts_speed.json + figure
     python benchmarks/experts_speed.py --replot benchmarks/results/experts_speed.json
+    python benchmarks/experts_speed.py --tasks training --optimizer adamw_fused \
+        --output benchmarks/results/experts_speed_fused_adamw.json --figure docs/figures/experts_speed_fused_adamw.png
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def make_cases(models: dict, args) -> list:
         extra = {"task_ids": task_ids} if name == "poly" else {"routing_mask": routing_mask} if name.startswith("smear") else {}
         gen_extra = {"task_ids": task_ids} if name == "poly" else {}
         trainable = speed.trainable_of(model)
-        step = speed.optimizer_step(model, trainable, lr=1e-4)
+        step = speed.optimizer_step(model, trainable, lr=1e-4, fused=args.optimizer == "adamw_fused")
 
         def inference(model=model, extra=extra) -> None:
             with torch.no_grad():
@@ -119,7 +122,7 @@ def measure(cases, args) -> dict:
     out = {}
     for group, baseline, methods in (("lora", "lora", LORA_METHODS), ("ia3", "ia3", IA3_METHODS)):
         out[group] = {}
-        for task in ("inference", "training", "generation"):
+        for task in args.tasks:
             chosen = [c for c in cases if c.name in methods]
             repeats = args.generation_repeats if task == "generation" else args.repeats
             results = speed.time_cases(chosen, task, repeats, timer, "cpu", f"{group}/{task}")
@@ -183,6 +186,11 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--generation_repeats", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=["inference", "training", "generation"],
+                        choices=["inference", "training", "generation"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"],
+                        help="Training step's optimizer: torch's default AdamW (on CPU a loop over the parameters) or "
+                        "the fused AdamW kernel (transformers' Trainer default, optim='adamw_torch_fused').")
     parser.add_argument("--output", default=str(HERE / "results" / "experts_speed.json"))
     parser.add_argument("--figure", default=str(HERE.parent / "docs" / "figures" / "experts_speed.png"))
     parser.add_argument("--replot", default=None, help="Only redraw the figure and print the tables of a results JSON.")
