@@ -12,15 +12,18 @@ method targets the same seven projections of every layer (q/k/v/o, gate/up/down)
 * ``ia3`` (the baseline of the (IA)³ ratios) and ``smear_ia3`` (8 (IA)³ experts) on PEFT's IA3 targets (k, v, down).
 
 Tasks: inference (a forward of ``batch`` x ``seq_len`` tokens), a training step (forward with labels, backward,
-AdamW), and generation of ``--new_tokens`` (64) tokens greedily from a ``--prompt_len`` prompt with the KV cache (not
-for X-LoRA, which disables it). SMEAR routes on the first ``--prompt_len`` tokens (``routing_mask``) in inference and
-training, on the prompt in generation.
+AdamW: torch's default implementation, or ``--optimizer adamw_fused``, the fused kernel that transformers' ``Trainer``
+uses by default), and generation of ``--new_tokens`` (64) tokens greedily from a ``--prompt_len`` prompt with the KV
+cache (not for X-LoRA, which disables it). SMEAR routes on the first ``--prompt_len`` tokens (``routing_mask``) in
+inference and training, on the prompt in generation.
 
 Timing as ``benchmarks/speed.py``: one torch thread, CPU time of this process (``time.process_time``), configurations
 interleaved with the order rotating every repeat, medians; ratios are to the baseline measured in the same run.
 
     python benchmarks/experts_speed.py                 # writes benchmarks/results/experts_speed.json + figure
     python benchmarks/experts_speed.py --replot benchmarks/results/experts_speed.json
+    python benchmarks/experts_speed.py --tasks training --optimizer adamw_fused \
+        --output benchmarks/results/experts_speed_fused_adamw.json --figure docs/figures/experts_speed_fused_adamw.png
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-import speed  # noqa: E402  (timing helpers shared with benchmarks/speed.py)
+# Timing helpers shared with benchmarks/speed.py (split into speed_cases / speed_harness / speed_report).
+from speed_cases import optimizer_step, shared_copy, trainable_of  # noqa: E402
+from speed_harness import Case, Timer, add_ratios, time_cases  # noqa: E402
+from speed_report import machine_info, print_table  # noqa: E402
 from peft import IA3Config, LoraConfig, PolyConfig, TaskType, XLoraConfig, get_peft_model  # noqa: E402
 
 from smear_peft import SmearConfig  # noqa: E402
@@ -61,22 +67,22 @@ def build_models(args, workdir: str) -> dict:
     base = LlamaForCausalLM(config).eval()
     models = {}
     smear = dict(num_experts=NUM_EXPERTS, routing="smear", task_type="CAUSAL_LM")
-    models["lora"] = get_peft_model(speed.shared_copy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS))
-    models["smear_lora"] = get_peft_model(speed.shared_copy(base), SmearConfig(expert_type="lora", r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS, **smear))
-    models["poly"] = get_peft_model(speed.shared_copy(base), PolyConfig(task_type=TaskType.CAUSAL_LM, r=RANK, target_modules=LORA_TARGETS, n_tasks=NUM_EXPERTS, n_skills=NUM_EXPERTS))
+    models["lora"] = get_peft_model(shared_copy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS))
+    models["smear_lora"] = get_peft_model(shared_copy(base), SmearConfig(expert_type="lora", r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS, **smear))
+    models["poly"] = get_peft_model(shared_copy(base), PolyConfig(task_type=TaskType.CAUSAL_LM, r=RANK, target_modules=LORA_TARGETS, n_tasks=NUM_EXPERTS, n_skills=NUM_EXPERTS))
     adapters = {}
     for index in range(NUM_EXPERTS):  # X-LoRA loads its experts from disk; names "0".."N-1"
         torch.manual_seed(100 + index)
-        expert = get_peft_model(speed.shared_copy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS, init_lora_weights=False))
+        expert = get_peft_model(shared_copy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=2 * RANK, target_modules=LORA_TARGETS, init_lora_weights=False))
         path = os.path.join(workdir, f"lora_expert_{index}")
         expert.save_pretrained(path)
         adapters[str(index)] = path
         del expert
-    xbase = speed.shared_copy(base)
+    xbase = shared_copy(base)
     xbase.config.use_cache = False  # X-LoRA requires it
     models["xlora"] = get_peft_model(xbase, XLoraConfig(task_type=TaskType.CAUSAL_LM, hidden_size=1024, adapters=adapters, xlora_depth=1))
-    models["ia3"] = get_peft_model(speed.shared_copy(base), IA3Config(task_type=TaskType.CAUSAL_LM))
-    models["smear_ia3"] = get_peft_model(speed.shared_copy(base), SmearConfig(expert_type="ia3", **smear))
+    models["ia3"] = get_peft_model(shared_copy(base), IA3Config(task_type=TaskType.CAUSAL_LM))
+    models["smear_ia3"] = get_peft_model(shared_copy(base), SmearConfig(expert_type="ia3", **smear))
     return models
 
 
@@ -93,8 +99,8 @@ def make_cases(models: dict, args) -> list:
     for name, model in models.items():
         extra = {"task_ids": task_ids} if name == "poly" else {"routing_mask": routing_mask} if name.startswith("smear") else {}
         gen_extra = {"task_ids": task_ids} if name == "poly" else {}
-        trainable = speed.trainable_of(model)
-        step = speed.optimizer_step(model, trainable, lr=1e-4)
+        trainable = trainable_of(model)
+        step = optimizer_step(model, trainable, lr=1e-4, fused=args.optimizer == "adamw_fused")
 
         def inference(model=model, extra=extra) -> None:
             with torch.no_grad():
@@ -110,24 +116,24 @@ def make_cases(models: dict, args) -> list:
                                min_new_tokens=args.new_tokens, do_sample=False, use_cache=name != "xlora", **extra)
 
         tasks = {"inference": inference, "training": training, "generation": generation}
-        cases.append(speed.Case(name, model, tasks, batch, trainable, step.optimizer))
+        cases.append(Case(name, model, tasks, batch, trainable, step.optimizer))
     return cases
 
 
 def measure(cases, args) -> dict:
-    timer = speed.Timer(torch.device("cpu"))
+    timer = Timer(torch.device("cpu"))
     out = {}
     for group, baseline, methods in (("lora", "lora", LORA_METHODS), ("ia3", "ia3", IA3_METHODS)):
         out[group] = {}
-        for task in ("inference", "training", "generation"):
+        for task in args.tasks:
             chosen = [c for c in cases if c.name in methods]
             repeats = args.generation_repeats if task == "generation" else args.repeats
-            results = speed.time_cases(chosen, task, repeats, timer, "cpu", f"{group}/{task}")
-            speed.add_ratios(results, "cpu", reference=baseline)
+            results = time_cases(chosen, task, repeats, timer, "cpu", f"{group}/{task}")
+            add_ratios(results, "cpu", reference=baseline)
             for entry in results.values():
                 entry.pop("samples_raw", None)
             out[group][task] = results
-            speed.print_table(f"{group}: {task} (ratio to {baseline})", results)
+            print_table(f"{group}: {task} (ratio to {baseline})", results)
     return out
 
 
@@ -183,6 +189,11 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--generation_repeats", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=["inference", "training", "generation"],
+                        choices=["inference", "training", "generation"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"],
+                        help="Training step's optimizer: torch's default AdamW (on CPU a loop over the parameters) or "
+                        "the fused AdamW kernel (transformers' Trainer default, optim='adamw_torch_fused').")
     parser.add_argument("--output", default=str(HERE / "results" / "experts_speed.json"))
     parser.add_argument("--figure", default=str(HERE.parent / "docs" / "figures" / "experts_speed.png"))
     parser.add_argument("--replot", default=None, help="Only redraw the figure and print the tables of a results JSON.")
@@ -195,7 +206,7 @@ def main() -> None:
             models = build_models(args, workdir)
             cases = make_cases(models, args)
             groups = measure(cases, args)
-        info = speed.machine_info(torch.device("cpu"), argparse.Namespace(clock="cpu"))
+        info = machine_info(torch.device("cpu"), argparse.Namespace(clock="cpu"))
         results = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "replot"}, "groups": groups}
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1))

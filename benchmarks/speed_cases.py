@@ -56,8 +56,10 @@ def trainable_of(model: torch.nn.Module) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def optimizer_step(model: torch.nn.Module, params: list, lr: float) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(params, lr=lr)
+def optimizer_step(model: torch.nn.Module, params: list, lr: float, fused: bool = False) -> Callable[[], None]:
+    """AdamW step + ``zero_grad``: torch's default implementation (on CPU a loop over the parameters), or with
+    ``fused=True`` the fused kernel (transformers' ``Trainer`` default, ``optim="adamw_torch_fused"``)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=True if fused else None)
 
     def step() -> None:
         optimizer.step()

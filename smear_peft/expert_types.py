@@ -128,7 +128,8 @@ def lora_scaling(config, rank: Optional[int] = None) -> float:
 
 
 class LoraParameters(NamedTuple):
-    """One LoRA expert per routing unit: ``A`` ``[U, in, r]``, ``B`` ``[U, r, out]``."""
+    """One LoRA expert per routing unit: ``A`` ``[U, in, r]``, ``B`` ``[U, r, out]`` with the scaling ``s`` folded in
+    (``s B``: scaling the small ``[r, out]`` matrix instead of every output position's update)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -164,11 +165,14 @@ class LoraExperts(nn.Module):
         self, inputs: torch.Tensor, decision: "RoutingDecision", params: Optional[LoraParameters] = None
     ) -> tuple[torch.Tensor, Optional[LoraParameters]]:
         """The update ``[U, S, out]`` for ``inputs`` ``[U, S, in]`` as ``decision`` says; returns the per-unit
-        parameters it merged or gathered (for decoding steps), as `smear_peft.experts.Experts` does."""
+        parameters it merged or gathered (for decoding steps), as `smear_peft.experts.Experts` does.
+
+        The scaling ``s`` multiplies the smallest operand (the merged / gathered ``B``, or the mixing weights), not the
+        ``[U, S, out]`` update: one small multiply instead of one over every position, forward and backward."""
         if decision.kind == "shared":
             flat = inputs.reshape(-1, inputs.shape[-1])
-            out = (flat @ self.lora_A[0]) @ self.lora_B[0]
-            return (out * self.scaling).view(*inputs.shape[:-1], -1), None
+            out = (flat @ self.lora_A[0]) @ (self.lora_B[0] * self.scaling)
+            return out.view(*inputs.shape[:-1], -1), None
         if decision.kind in ("merge", "select"):
             if params is None:
                 if decision.kind == "merge":
@@ -176,24 +180,23 @@ class LoraExperts(nn.Module):
                     units = probs.shape[0]
                     params = LoraParameters(
                         (probs @ self.lora_A.flatten(1)).view(units, *self.lora_A.shape[1:]),
-                        (probs @ self.lora_B.flatten(1)).view(units, *self.lora_B.shape[1:]),
+                        ((probs * self.scaling) @ self.lora_B.flatten(1)).view(units, *self.lora_B.shape[1:]),
                     )
                 else:
-                    params = LoraParameters(self.lora_A[decision.index], self.lora_B[decision.index])
-            out = torch.bmm(torch.bmm(inputs, params.a), params.b) * self.scaling
+                    params = LoraParameters(self.lora_A[decision.index], self.lora_B[decision.index] * self.scaling)
+            b = params.b
             if decision.kind == "select" and decision.weights is not None:
-                out = out * decision.weights.to(out.dtype)[:, None, None]
-            return out, params
-        weights = decision.weights.to(inputs.dtype)
+                b = b * decision.weights.to(b.dtype)[:, None, None]
+            return torch.bmm(torch.bmm(inputs, params.a), b), params
+        weights = decision.weights.to(inputs.dtype) * self.scaling
         if decision.index is None:  # every expert (ensemble), mixed inside the two contractions
             num, in_features, rank = self.lora_A.shape
             hidden = inputs.reshape(-1, in_features) @ self.lora_A.permute(1, 0, 2).reshape(in_features, num * rank)
             hidden = hidden.view(inputs.shape[0], -1, num, rank) * weights[:, None, :, None]
             out = hidden.reshape(-1, num * rank) @ self.lora_B.reshape(num * rank, -1)
-            return (out * self.scaling).view(*inputs.shape[:-1], -1), None
+            return out.view(*inputs.shape[:-1], -1), None
         hidden = torch.einsum("bsi,bkir->bksr", inputs, self.lora_A[decision.index])
-        out = torch.einsum("bk,bksr,bkro->bso", weights, hidden, self.lora_B[decision.index])
-        return out * self.scaling, None
+        return torch.einsum("bk,bksr,bkro->bso", weights, hidden, self.lora_B[decision.index]), None
 
     def delta_weight(self, expert: int = 0) -> torch.Tensor:
         """``[in, out]`` weight update of one expert (for merging monolithic experts into the base layer)."""

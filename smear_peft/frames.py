@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -89,6 +90,8 @@ class RoutingFrame:
     owner: Any = None
     closed: bool = False
     grad_enabled: bool = True
+    #: Pooled routing inputs of this forward, shared by the blocks that route on the same tensor (`pooled`).
+    pools: dict = field(default_factory=dict)
 
     def child(self, kind: str = "forward", **options: Any) -> "RoutingFrame":
         """A frame inside this one: options not given are inherited."""
@@ -138,6 +141,29 @@ class RoutingFrame:
                 "forward or generate), or the decoder with encoder_hidden_states=..., so that its routing input exists."
             )
         return self.per_example(self.decoder_sources[mode], batch_size, "decoder routing inputs")
+
+    def pooled(self, states: torch.Tensor, mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+        """``pool(states, mask, mode)``, computed once per forward for the blocks that route on the same tensor (the
+        q / k / v projections of a layer read one hidden state, gate / up another): the same value and the same
+        autograd graph as pooling it again, so outputs and gradients are unchanged.
+
+        ``states`` is recognised by the tensor it views (alive, same storage position, shape, strides, dtype and
+        version counter) under the same mask and pooling mode, with gradients enabled or not as at the first call.
+        Only an open forward frame shares (the shared `EMPTY_FRAME` and recomputations after the call never do)."""
+        if not self.records:
+            return pool(states, mask, mode)
+        owner = states._base if states._base is not None else states
+        key = (
+            id(owner), states.storage_offset(), tuple(states.shape), states.stride(), states.dtype, states._version,
+            states.requires_grad, torch.is_grad_enabled(), id(mask) if mask is not None else None, mode,
+        )
+        entry = self.pools.get(key)
+        if entry is not None and entry[0]() is owner and (mask is None or entry[1]() is mask):
+            return entry[2]
+        pooled = pool(states, mask, mode)
+        # Weak references: the cache never keeps a layer input (or a mask) alive; a freed one cannot be matched.
+        self.pools[key] = (weakref.ref(owner), weakref.ref(mask) if mask is not None else None, pooled)
+        return pooled
 
     @property
     def records(self) -> bool:

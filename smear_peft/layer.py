@@ -24,6 +24,13 @@ def bottleneck_size(config: SmearConfig, routing: RoutingMethod, hidden_size: in
     return size * routing.bottleneck_multiplier()
 
 
+def _scale_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[..., F]`` (``B * P`` rows) times an (IA)³ ``scale`` ``[B, P, F]`` or ``[B, 1, F]`` (broadcast over
+    positions), computed in the scale's dtype and returned in the values' dtype and shape."""
+    rows = values.to(scale.dtype).reshape(scale.shape[0], -1, values.shape[-1])
+    return (rows * scale).reshape(values.shape).to(values.dtype)
+
+
 class AuxiliaryTerms(tuple):
     """One block's REINFORCE terms for one forward: ``(log_prob, entropy, baseline, example)``, each ``[units]``
     (``example``: the example of each routing unit, ``None`` when units are the examples)."""
@@ -269,16 +276,19 @@ class SmearLayer(nn.Module, BaseTunerLayer):
                 inputs = self.smear_dropout[adapter](routed) if adapter in self.smear_dropout else routed
                 lora_updates.append(self._run_experts(adapter, routed, inputs, frame))
             else:
-                scale = 1.0 + self._run_experts(adapter, routed, routed, frame)
+                delta = self._run_experts(adapter, routed, routed, frame)
+                if delta.shape[1] > 1 and delta.stride(1) == 0:
+                    delta = delta[:, :1]  # one vector per example (an expanded view): broadcast, never materialised
+                scale = 1.0 + delta
                 if experts.feedforward:
                     input_scale = scale if input_scale is None else input_scale * scale
                 else:
                     output_scales.append(scale)
         if input_scale is not None:
-            x = (x.to(input_scale.dtype) * input_scale.reshape(*x.shape[:-1], -1)).to(x.dtype)
+            x = _scale_rows(x, input_scale)
         result = self.base_layer(x, *args, **kwargs)
         for scale in output_scales:
-            result = (result * scale.reshape(*result.shape[:-1], -1)).to(result.dtype)
+            result = _scale_rows(result, scale)
         for update in lora_updates:
             result = result + update.reshape(*result.shape[:-1], -1).to(result.dtype)
         return result

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .frames import RoutingFrame, pool
+from .frames import RoutingFrame
 
 
 class UnitLayout(NamedTuple):
@@ -97,7 +97,7 @@ class OwnInput(RoutingSource):
         mask = frame.input_mask
         if mask is not None and tokens.shape[1] == 1 and mask.shape[1] != 1:
             mask = None  # a block on a pooled [B, C] output: one position per example
-        return RoutePlan(pooled=pool(tokens, mask, self.pooling))
+        return RoutePlan(pooled=frame.pooled(tokens, mask, self.pooling))
 
 
 class EncoderOutput(RoutingSource):
@@ -134,7 +134,7 @@ class CausalPrompt(RoutingSource):
             return RoutePlan(pooled=session.prompt_inputs[key], store=_store(session, key))
         if frame.prompt_mask is None:
             raise ValueError(frame.prompt_error or _NO_PROMPT)
-        pooled = pool(tokens, frame.prompt_mask, "masked_mean")
+        pooled = frame.pooled(tokens, frame.prompt_mask, "masked_mean")
         if session is not None:
             session.prompt_inputs[key] = pooled
         return RoutePlan(pooled=pooled, store=_store(session, key))
