@@ -185,7 +185,7 @@ def text_causal_settings(quick: bool) -> Settings:
         bottleneck_size=0,
         expert_type="lora",
         lora_rank=4,
-        steps=20 if quick else 300,
+        steps=20 if quick else 600,
         batch_size=64,
         learning_rate=3e-3,
         warmup_steps=20,
