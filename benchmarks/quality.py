@@ -23,7 +23,7 @@ ensemble; on ``text_causal`` by default smear, tag, lora_1x_compute, lora_1x_par
     python benchmarks/quality.py                 # full run: both benchmarks, every method, seeds 0 1 2
     python benchmarks/quality.py --quick         # a few steps of everything (smoke test, results not written)
     python benchmarks/quality.py --benchmarks text --methods smear tag --seeds 0
-    python benchmarks/quality.py --benchmarks text_causal       # the causal LoRA-expert benchmark (~30 min, 1 core)
+    python benchmarks/quality.py --benchmarks text_causal       # the causal LoRA-expert benchmark (~45 min, 1 core)
     # or split its methods over two processes that merge into one JSON:
     python benchmarks/quality.py --benchmarks text_causal --methods xlora lora_1x_compute --append &
     python benchmarks/quality.py --benchmarks text_causal --methods smear tag lora_1x_params --append &
