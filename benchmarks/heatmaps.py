@@ -44,7 +44,7 @@ def record_routing(adapter: Path, dataset: str, split: str = "test", batch_size:
     with recorder, torch.no_grad():
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
-            batch = quality._trim(quality._select(tensors, idx))
+            batch = quality._trim(quality._select(tensors, idx), causal=dataset in quality.CAUSAL)
             tags = batch.pop("routing_tags")
             keys = idx + (1_000_000 if split == "test" else 0)  # the keys quality.py gives hash routing
             model(**batch, routing_tags=tags, routing_keys=keys)

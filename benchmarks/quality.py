@@ -10,13 +10,23 @@ Benchmarks (both offline, CPU, frozen pretrained backbones; see ``docs/results.m
   with a denoising objective on structured random symbol sequences, cached and frozen. Each method trains SMEAR blocks
   (8 experts, one per task for tag routing) plus T5's layer norms. Metric: exact match of greedy generation per task
   and its mean.
+* ``text_causal`` (not in the default run): the same eight tasks in causal-LM form (``prompt x SEP answer EOS``,
+  labels -100 on the prompt) for a tiny Llama-shaped decoder (hidden 64, 4 layers) pretrained here with a
+  language-model objective on the text benchmark's denoising pairs, cached and frozen. Experts are LoRAs of rank r0 = 4
+  on q/k/v/o/gate/up/down: SMEAR and tag routing over 8 LoRA experts against PEFT's LoRA at rank r0 (1x compute) and
+  8·r0 (1x params) and PEFT's X-LoRA over 8 rank-r0 LoRA experts (trained with its classifier). Metric: exact match of
+  greedy ``generate`` on the prompt.
 
 Methods: smear, top_k, st_gumbel, reinforce, tag, tag_plus (Tag+), hash, monolithic (1x compute and 1x params),
-ensemble. Run::
+ensemble; on ``text_causal`` by default smear, tag, lora_1x_compute, lora_1x_params, xlora. Run::
 
     python benchmarks/quality.py                 # full run: both benchmarks, every method, seeds 0 1 2
     python benchmarks/quality.py --quick         # a few steps of everything (smoke test, results not written)
     python benchmarks/quality.py --benchmarks text --methods smear tag --seeds 0
+    python benchmarks/quality.py --benchmarks text_causal       # the causal LoRA-expert benchmark (~45 min, 1 core)
+    # or split its methods over two processes that merge into one JSON:
+    python benchmarks/quality.py --benchmarks text_causal --methods xlora lora_1x_compute --append &
+    python benchmarks/quality.py --benchmarks text_causal --methods smear tag lora_1x_params --append &
 
 The committed results ran the two benchmarks as two processes side by side (``--benchmarks text`` and
 ``--benchmarks digits``), ~27 min of wall time on a busy 2-core CPU. ST-Gumbel uses the authors' compounding
@@ -77,7 +87,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "monolithic_1x_compute": dict(routing="monolithic", monolithic_params="compute"),
     "monolithic_1x_params": dict(routing="monolithic", monolithic_params="params"),
     "ensemble": dict(routing="ensemble"),
+    # PEFT baselines (text_causal only): not SmearConfigs, built by `build_peft_baseline`
+    "lora_1x_compute": {},
+    "lora_1x_params": {},
+    "xlora": {},
 }
+#: Methods that are plain PEFT models rather than SMEAR models.
+PEFT_BASELINES = ("lora_1x_compute", "lora_1x_params", "xlora")
 METHOD_LABELS = {
     "smear": "SMEAR",
     "top_k": "Top-k (k=1)",
@@ -89,6 +105,9 @@ METHOD_LABELS = {
     "monolithic_1x_compute": "Monolithic (1x compute)",
     "monolithic_1x_params": "Monolithic (1x params)",
     "ensemble": "Ensemble (N x compute)",
+    "lora_1x_compute": "LoRA r=r0 (1x compute)",
+    "lora_1x_params": "LoRA r=N·r0 (1x params)",
+    "xlora": "X-LoRA (N experts)",
 }
 
 
@@ -108,6 +127,8 @@ class Settings:
     warmup_steps: int
     tag_plus: dict
     gumbel_anneal_every: int = 10
+    expert_type: str = "adapter"
+    lora_rank: int = 0  # r0 of LoRA experts (expert_type="lora"); lora_alpha = 2 * rank for every LoRA
     gumbel_reach_min_at: float = 0.7  # fraction of training at which ST-Gumbel's temperature reaches its floor
     backbone: dict = field(default_factory=dict)
     pretrain: dict = field(default_factory=dict)
@@ -157,7 +178,34 @@ def text_settings(quick: bool) -> Settings:
     )
 
 
-SETTINGS = {"digits": digits_settings, "text": text_settings}
+def text_causal_settings(quick: bool) -> Settings:
+    return Settings(
+        benchmark="text_causal",
+        num_experts=8,
+        bottleneck_size=0,
+        expert_type="lora",
+        lora_rank=4,
+        steps=20 if quick else 600,
+        batch_size=64,
+        learning_rate=3e-3,
+        warmup_steps=20,
+        tag_plus=dict(text_tasks.TEXT_TAG_PLUS),
+        backbone=dict(vocab_size=text_tasks.CAUSAL_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
+        pretrain=dict(steps=1500, batch_size=64, learning_rate=3e-3, seed=0),
+        notes="Causal-LM form of the text benchmark: prompt x SEP answer EOS, labels -100 on the prompt (SMEAR routes "
+              "on it); LoRA experts (r0, lora_alpha 2*r) on q/k/v/o/gate/up/down of every layer; backbone fully "
+              "frozen; AdamW, constant LR after warmup, grad clip 1.0; mean token loss; greedy decoding.",
+    )
+
+
+SETTINGS = {"digits": digits_settings, "text": text_settings, "text_causal": text_causal_settings}
+CAUSAL = ("text_causal",)
+_SMEAR_METHODS = [m for m in METHODS if m not in PEFT_BASELINES]
+#: Methods run by default: every routing method on digits / text; on text_causal, the LoRA-expert comparison of
+#: issue 12 (SMEAR and tag routing over LoRA experts, PEFT LoRA at 1x compute and 1x params, PEFT X-LoRA).
+DEFAULT_METHODS = {"digits": _SMEAR_METHODS, "text": _SMEAR_METHODS,
+                   "text_causal": ["smear", "tag", "lora_1x_compute", "lora_1x_params", "xlora"]}
 
 
 def _key(settings: Settings) -> str:
@@ -194,9 +242,24 @@ def build_text_backbone(settings: Settings):
     return transformers.T5ForConditionalGeneration(config)
 
 
+def build_causal_backbone(settings: Settings):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        **settings.backbone, pad_token_id=text_tasks.PAD, bos_token_id=None, eos_token_id=text_tasks.EOS,
+        tie_word_embeddings=False, attention_dropout=0.0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _builder(settings: Settings):
+    return {"digits": build_digits_backbone, "text": build_text_backbone,
+            "text_causal": build_causal_backbone}[settings.benchmark]
+
+
 def pretrained_backbone(settings: Settings, log: Callable[[str], None] = _log):
     """The frozen backbone of a benchmark: loaded from the cache, or pretrained (and cached) first."""
-    build = build_digits_backbone if settings.benchmark == "digits" else build_text_backbone
+    build = _builder(settings)
     path = backbone_path(settings)
     if path.exists():
         model = build(settings)
@@ -227,13 +290,14 @@ def pretrained_backbone(settings: Settings, log: Callable[[str], None] = _log):
             f"accuracy {accuracy:.3f}")
     else:
         rng = random.Random(p["seed"])
+        make_batch = text_tasks.causal_lm_batch if settings.benchmark in CAUSAL else text_tasks.denoising_batch
         for step in range(p["steps"]):
-            loss = model(**text_tasks.denoising_batch(rng, p["batch_size"])).loss
+            loss = model(**make_batch(rng, p["batch_size"])).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        log(f"pretrained text backbone ({p['steps']} steps, {time.time() - start:.0f}s): final denoising "
-            f"loss {loss.item():.3f}")
+        log(f"pretrained {settings.benchmark} backbone ({p['steps']} steps, {time.time() - start:.0f}s): final "
+            f"{'language-model' if settings.benchmark in CAUSAL else 'denoising'} loss {loss.item():.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
@@ -262,9 +326,10 @@ def load_data(settings: Settings) -> Data:
 
         return Data(tensors(splits.train), tensors(splits.test), tuple(DIGIT_DOMAINS))
     splits = text_tasks.make_text_splits(seed=0)
+    collate = text_tasks.causal_collate if settings.benchmark in CAUSAL else text_tasks.collate
     return Data(
-        text_tasks.collate(splits["train"], range(len(splits["train"]))),
-        text_tasks.collate(splits["test"], range(len(splits["test"]))),
+        collate(splits["train"], range(len(splits["train"]))),
+        collate(splits["test"], range(len(splits["test"]))),
         text_tasks.TEXT_TASK_NAMES,
     )
 
@@ -273,12 +338,13 @@ def _select(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torc
     return {k: v[idx] for k, v in batch.items()}
 
 
-def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop all-padding columns of a text batch (fixed-width tensors are padded to the longest example overall)."""
+def _trim(batch: dict[str, torch.Tensor], causal: bool = False) -> dict[str, torch.Tensor]:
+    """Drop all-padding columns of a text batch (fixed-width tensors are padded to the longest example overall).
+    ``causal``: labels are aligned with ``input_ids`` (the causal form) and are cut to the same width."""
     if "input_ids" not in batch:
         return batch
     width = int(batch["attention_mask"].sum(1).max())
-    label_width = int(batch["labels"].ne(-100).sum(1).max())
+    label_width = width if causal else int(batch["labels"].ne(-100).sum(1).max())
     out = dict(batch)
     out["input_ids"], out["attention_mask"] = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
     out["labels"] = batch["labels"][:, :label_width]
@@ -290,8 +356,12 @@ def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 def smear_config(settings: Settings, method: str) -> SmearConfig:
     fields = dict(METHODS[method])
-    fields.update(num_experts=settings.num_experts, bottleneck_size=settings.bottleneck_size,
-                  tag_names=list(settings_group_names(settings)))
+    fields.update(num_experts=settings.num_experts, tag_names=list(settings_group_names(settings)))
+    if settings.expert_type == "lora":
+        fields.update(expert_type="lora", r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
+                      task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))
+    else:
+        fields["bottleneck_size"] = settings.bottleneck_size
     if method == "tag_plus":
         fields["tag_to_expert"] = dict(settings.tag_plus)
     if method == "st_gumbel":
@@ -309,19 +379,55 @@ def settings_group_names(settings: Settings) -> tuple[str, ...]:
     return text_tasks.TEXT_TASK_NAMES
 
 
-def build_peft_model(settings: Settings, method: str, seed: int, backbone_state: dict):
-    build = build_digits_backbone if settings.benchmark == "digits" else build_text_backbone
-    base = build(settings)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_peft_baseline(settings: Settings, method: str, seed: int, base, workdir: Path):
+    """PEFT's LoRA (rank r0 or N·r0) or X-LoRA over N LoRA experts of rank r0, on the same targets as SMEAR-LoRA.
+
+    X-LoRA loads its experts from saved adapter folders: N rank-r0 LoRAs with PEFT's default initialisation (A random,
+    B zero) are saved to ``workdir`` first, and trained together with X-LoRA's classifier
+    (``use_trainable_adapters=True``), so X-LoRA starts from the base model exactly like every other method."""
+    from peft import LoraConfig, TaskType, XLoraConfig
+
+    r0, n = settings.lora_rank, settings.num_experts
+    if method in ("lora_1x_compute", "lora_1x_params"):
+        r = r0 if method == "lora_1x_compute" else n * r0
+        return get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=2 * r,
+                                               target_modules=list(LORA_TARGETS)))
+    if method != "xlora":
+        raise ValueError(method)
+    import copy
+
+    adapters = {}
+    for index in range(n):
+        expert = get_peft_model(copy.deepcopy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=r0, lora_alpha=2 * r0,
+                                                                target_modules=list(LORA_TARGETS)))
+        path = workdir / f"expert_{index}"
+        expert.save_pretrained(str(path))
+        adapters[str(index)] = str(path)
+    base.config.use_cache = False  # X-LoRA requires it
+    config = XLoraConfig(task_type=TaskType.CAUSAL_LM, hidden_size=base.config.hidden_size, adapters=adapters,
+                         xlora_depth=1, use_trainable_adapters=True)
+    return get_peft_model(base, config)
+
+
+def build_peft_model(settings: Settings, method: str, seed: int, backbone_state: dict, workdir: Optional[Path] = None):
+    base = _builder(settings)(settings)
     base.load_state_dict(backbone_state)
     torch.manual_seed(seed)
     if settings.benchmark == "digits":  # a new head for the six-domain task
         base.classifier[-1].reset_parameters()
+    if method in PEFT_BASELINES:
+        return build_peft_baseline(settings, method, seed, base, workdir)
     return get_peft_model(base, smear_config(settings, method))
 
 
-def _forward_loss(model, settings: Settings, batch: dict[str, torch.Tensor], keys: torch.Tensor):
+def _forward_loss(model, settings: Settings, batch: dict[str, torch.Tensor], keys: torch.Tensor, method: str = ""):
     tags = batch["routing_tags"]
     inputs = {k: v for k, v in batch.items() if k != "routing_tags"}
+    if method in PEFT_BASELINES:
+        return model(**inputs).loss
     out = model(**inputs, routing_tags=tags, routing_keys=keys)
     loss = out.loss
     if has_reinforce_terms(out):
@@ -333,18 +439,44 @@ def _forward_loss(model, settings: Settings, batch: dict[str, torch.Tensor], key
     return loss
 
 
+def _causal_prompts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Left-padded prompts (the -100 positions of each causal example) and the answers to generate."""
+    prompts, answers = [], []
+    for ids, mask, labels in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()):
+        real = [i for i, m in enumerate(mask) if m]
+        prompts.append([ids[i] for i in real if labels[i] == -100])
+        answers.append([labels[i] for i in real if labels[i] != -100])
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[text_tasks.PAD] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return input_ids, mask, answers
+
+
 @torch.no_grad()
-def evaluate(model, settings: Settings, data: Data, batch_size: int = 200) -> dict[str, float]:
+def evaluate(model, settings: Settings, data: Data, batch_size: int = 200, method: str = "") -> dict[str, float]:
     """Per-group accuracy (digits: classification; text: exact match of greedy generation) and their mean."""
     model.eval()
     test = data.test
     n = len(test["routing_tags"])
     correct = torch.zeros(n, dtype=torch.bool)
+    causal = settings.benchmark in CAUSAL
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(n, start + batch_size))
-        batch = _trim(_select(test, idx))
+        batch = _trim(_select(test, idx), causal=causal)
         keys = 1_000_000 + idx
-        if settings.benchmark == "digits":
+        if causal:
+            prompt_ids, prompt_mask, answers = _causal_prompts(batch)
+            extra = {} if method in PEFT_BASELINES else {"routing_tags": batch["routing_tags"], "routing_keys": keys}
+            generated = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max(len(a) for a in answers),
+                num_beams=1, do_sample=False, eos_token_id=text_tasks.EOS, pad_token_id=text_tasks.PAD,
+                use_cache=method != "xlora", **extra,  # X-LoRA cannot use the KV cache
+            )[:, prompt_ids.shape[1]:]
+            for row, i in enumerate(idx.tolist()):
+                produced = generated[row].tolist()
+                produced = produced[: produced.index(text_tasks.EOS) + 1] if text_tasks.EOS in produced else produced
+                correct[i] = produced == answers[row]
+        elif settings.benchmark == "digits":
             logits = model(pixel_values=batch["pixel_values"], routing_tags=batch["routing_tags"], routing_keys=keys).logits
             correct[idx] = logits.argmax(-1) == batch["labels"]
         else:
@@ -366,8 +498,11 @@ def evaluate(model, settings: Settings, data: Data, batch_size: int = 200) -> di
 
 def run_one(settings: Settings, method: str, seed: int, data: Data, backbone_state: dict,
             save_dir: Optional[Path] = None) -> dict[str, Any]:
+    import tempfile
+
     start = time.time()
-    model = build_peft_model(settings, method, seed, backbone_state)
+    with tempfile.TemporaryDirectory(prefix="smear_quality_") as workdir:  # X-LoRA's expert folders
+        model = build_peft_model(settings, method, seed, backbone_state, Path(workdir))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam if settings.benchmark == "digits" else torch.optim.AdamW)(parameters, lr=settings.learning_rate)
@@ -378,10 +513,12 @@ def run_one(settings: Settings, method: str, seed: int, data: Data, backbone_sta
     n = len(data.train["routing_tags"])
     model.train()
     losses = []
+    causal = settings.benchmark in CAUSAL
     for step in range(settings.steps):
-        model.base_model.set_training_step(step)
+        if method not in PEFT_BASELINES:
+            model.base_model.set_training_step(step)
         idx = torch.randint(n, (settings.batch_size,), generator=generator)  # examples-proportional mixing
-        loss = _forward_loss(model, settings, _trim(_select(data.train, idx)), idx)
+        loss = _forward_loss(model, settings, _trim(_select(data.train, idx), causal=causal), idx, method)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -389,8 +526,8 @@ def run_one(settings: Settings, method: str, seed: int, data: Data, backbone_sta
         schedule.step()
         losses.append(loss.item())
     train_seconds = time.time() - start
-    scores = evaluate(model, settings, data)
-    if save_dir is not None:
+    scores = evaluate(model, settings, data, method=method)
+    if save_dir is not None and method not in PEFT_BASELINES:  # saved for heatmaps.py: SMEAR models only
         save_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(save_dir)
         (save_dir / "benchmark.json").write_text(json.dumps({"benchmark": settings.benchmark, "method": method,
@@ -475,12 +612,16 @@ def machine() -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", nargs="+", default=["digits", "text"], choices=sorted(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="default: every method of the benchmark (DEFAULT_METHODS)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a few training steps; nothing written to results/")
     parser.add_argument("--steps", type=int, default=None, help="override the benchmark's training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--append", action="store_true",
+                        help="merge these runs into an existing results JSON of the same settings (replacing equal "
+                             "method/seed pairs) instead of overwriting it: lets processes split one benchmark's methods")
     parser.add_argument("--save-adapters-seed", type=int, default=0, help="save this seed's adapters (-1: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -495,7 +636,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         pretrain_seconds = time.time() - begin
         data = load_data(settings)
         runs = []
-        for method in args.methods:
+        for method in args.methods or DEFAULT_METHODS[benchmark]:
+            if method in PEFT_BASELINES and benchmark not in CAUSAL:
+                parser.error(f"{method} is a PEFT baseline of the causal benchmark only")
             for seed in args.seeds:
                 save = None
                 if seed == args.save_adapters_seed and not args.quick:
@@ -521,15 +664,47 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(markdown({benchmark: payload}))
             continue
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / f"quality_{benchmark}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        if args.append:
+            payload = _append_to_results(args.output_dir / f"quality_{benchmark}.json", payload)
+        else:
+            (args.output_dir / f"quality_{benchmark}.json").write_text(json.dumps(payload, indent=1) + "\n")
         _log(f"{benchmark}: wrote {args.output_dir / f'quality_{benchmark}.json'} ({payload['wall_seconds']:.0f}s)")
     if not args.quick:
         write_table(args.output_dir)
 
 
+def _append_to_results(path: Path, payload: dict) -> dict:
+    """Merge ``payload``'s runs into the results JSON at ``path`` (under a file lock, so processes running different
+    methods of one benchmark side by side can each add theirs); every process is listed under ``parts``."""
+    import fcntl
+
+    part = {k: payload[k] for k in ("command", "seeds", "wall_seconds", "backbone_seconds", "machine")}
+    part["methods"] = list(dict.fromkeys(r["method"] for r in payload["runs"]))
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = dict(payload, parts=[part])
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old["settings"] != payload["settings"]:
+                raise SystemExit(f"{path} holds runs of other settings; rerun without --append to overwrite it")
+            new_keys = {(r["method"], r["seed"]) for r in payload["runs"]}
+            runs = [r for r in old["runs"] if (r["method"], r["seed"]) not in new_keys] + payload["runs"]
+            order = list(METHODS)
+            runs.sort(key=lambda r: (order.index(r["method"]), r["seed"]))
+            merged.update(
+                runs=runs, seeds=sorted({r["seed"] for r in runs}), parts=old.get("parts", []) + [part],
+                table={m: {c: list(v) for c, v in row.items()}
+                       for m, row in aggregate(runs, tuple(payload["group_names"])).items()},
+                wall_seconds=max([p["wall_seconds"] for p in old.get("parts", [])] + [payload["wall_seconds"]]),
+            )
+        path.write_text(json.dumps(merged, indent=1) + "\n")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return merged
+
+
 def write_table(output_dir: Path = RESULTS_DIR) -> None:
     results = {}
-    for name in ("digits", "text"):
+    for name in ("digits", "text", "text_causal"):
         path = output_dir / f"quality_{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())

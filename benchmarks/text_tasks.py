@@ -25,6 +25,11 @@ that, and learned routing can discover it (and other sharing) from the inputs.
 
 Pretraining data for the backbone (`denoising_batch`): structured random sequences (noise, progressions, sorted runs,
 palindromes, repeats) with spans replaced by sentinels, reconstructed in full.
+
+Causal-LM form (for a decoder-only model, ``quality.py --benchmarks text_causal``): the same tasks and splits, each
+example written as one sequence ``prompt x SEP target EOS`` with labels -100 on ``prompt x SEP`` (`causal_collate`;
+``SEP`` is one extra token, 33). Its backbone is pretrained with a language-model objective on the same denoising
+pairs written as one document, ``corrupted SEP original EOS`` (`causal_lm_batch`).
 """
 
 from __future__ import annotations
@@ -164,30 +169,78 @@ def _pretraining_sequence(rng: random.Random, min_len: int, max_len: int) -> lis
     return seq
 
 
+def _denoising_pair(rng: random.Random, min_len: int, max_len: int, noise: float) -> tuple[list[int], list[int]]:
+    """One pretraining example: a structured sequence with spans replaced by sentinels, and the whole original."""
+    seq = _pretraining_sequence(rng, min_len, max_len)
+    masked = [False] * len(seq)
+    budget = max(1, round(noise * len(seq)))
+    while sum(masked) < budget:
+        start = rng.randrange(len(seq))
+        for i in range(start, min(len(seq), start + rng.randint(1, 3))):
+            masked[i] = True
+    source, sentinel, i = [], SENTINEL0, 0
+    while i < len(seq):
+        if masked[i] and sentinel < SENTINEL0 + NUM_SENTINELS:
+            source.append(sentinel)
+            sentinel += 1
+            while i < len(seq) and masked[i]:
+                i += 1
+        else:
+            source.append(seq[i])
+            i += 1
+    return source, seq
+
+
 def denoising_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_len: int = 12,
                     noise: float = 0.25) -> dict[str, torch.Tensor]:
     """Denoising pretraining (BART-style reconstruction): spans of the input are replaced by sentinels, and the target
     is the whole original sequence, so the backbone learns to copy and to infer missing symbols from structure."""
     inputs, targets = [], []
     for _ in range(batch_size):
-        seq = _pretraining_sequence(rng, min_len, max_len)
-        masked = [False] * len(seq)
-        budget = max(1, round(noise * len(seq)))
-        while sum(masked) < budget:
-            start = rng.randrange(len(seq))
-            for i in range(start, min(len(seq), start + rng.randint(1, 3))):
-                masked[i] = True
-        source, sentinel, i = [], SENTINEL0, 0
-        while i < len(seq):
-            if masked[i] and sentinel < SENTINEL0 + NUM_SENTINELS:
-                source.append(sentinel)
-                sentinel += 1
-                while i < len(seq) and masked[i]:
-                    i += 1
-            else:
-                source.append(seq[i])
-                i += 1
+        source, seq = _denoising_pair(rng, min_len, max_len, noise)
         inputs.append(source + [EOS])
         targets.append(seq + [EOS])
     input_ids = pad_batch(inputs, PAD)
     return {"input_ids": input_ids, "attention_mask": input_ids.ne(PAD).long(), "labels": pad_batch(targets, -100)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Causal-LM form (a decoder-only model: prompt -> answer in one sequence)
+# ---------------------------------------------------------------------------------------------------------------------
+#: Separator between a causal example's prompt and its answer (a token the T5 form does not use).
+SEP = VOCAB_SIZE  # 33
+CAUSAL_VOCAB_SIZE = VOCAB_SIZE + 1  # 34
+
+
+def causal_example(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """A T5-form example as one causal sequence ``prompt x SEP target EOS`` with labels -100 on ``prompt x SEP``
+    (the T5 input's final EOS becomes the separator)."""
+    prompt = input_ids[:-1] + [SEP]
+    return prompt + labels, [-100] * len(prompt) + labels
+
+
+def causal_collate(split: TextSplit, indices) -> dict[str, torch.Tensor]:
+    """Right-padded causal batch: labels are aligned with ``input_ids`` and -100 on the prompt and on padding, so a
+    SMEAR causal LM routes each example on its prompt."""
+    pairs = [causal_example(split.input_ids[i], split.labels[i]) for i in indices]
+    input_ids = pad_batch([p[0] for p in pairs], PAD)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": input_ids.ne(PAD).long(),
+        "labels": pad_batch([p[1] for p in pairs], -100),
+        "routing_tags": torch.tensor([split.tags[i] for i in indices], dtype=torch.long),
+    }
+
+
+def causal_lm_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_len: int = 12,
+                    noise: float = 0.25) -> dict[str, torch.Tensor]:
+    """Language-model pretraining, the causal mirror of `denoising_batch`: every document is the denoising pair
+    written as one sequence, ``corrupted SEP original EOS``, and the loss is next-token prediction on every real
+    token (the corrupted half is plain structured text with sentinels; the half after ``SEP`` teaches the model to
+    reproduce and complete what came before the separator, as the T5 decoder learns from denoising)."""
+    documents = []
+    for _ in range(batch_size):
+        source, seq = _denoising_pair(rng, min_len, max_len, noise)
+        documents.append(source + [SEP] + seq + [EOS])
+    input_ids = pad_batch(documents, PAD)
+    return {"input_ids": input_ids, "attention_mask": input_ids.ne(PAD).long(), "labels": pad_batch(documents, -100)}
