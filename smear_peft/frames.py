@@ -149,8 +149,9 @@ class RoutingFrame:
 
         ``states`` is recognised by the tensor it views (alive, same storage position, shape, strides, dtype and
         version counter) under the same mask and pooling mode, with gradients enabled or not as at the first call.
-        Only an open forward frame shares (the shared `EMPTY_FRAME` and recomputations after the call never do)."""
-        if not self.records:
+        Only an open forward frame shares (the shared `EMPTY_FRAME`, recomputations after the call and tensors made
+        under ``torch.inference_mode`` never do)."""
+        if not self.records or states.is_inference():  # inference tensors have no version counter to check
             return pool(states, mask, mode)
         owner = states._base if states._base is not None else states
         key = (

@@ -233,3 +233,17 @@ def test_no_frame_outlives_a_call_that_failed():
     with pytest.raises(ValueError):
         model(**batch(95))  # tag routing without tags
     assert model.base_model.frames.current() is None
+
+
+def test_inference_mode_gives_the_no_grad_outputs():
+    """Under torch.inference_mode (no version counters) blocks still route, each on its own pooled input."""
+    from .test_expert_types import tiny_llama
+
+    t5 = smear_t5()
+    llama = get_peft_model(tiny_llama(), SmearConfig(expert_type="lora", num_experts=3, r=4, init_weights=False)).eval()
+    ids = torch.randint(2, 60, (2, 5))
+    for model, inputs in ((t5, batch(99)), (llama, {"input_ids": ids, "labels": torch.where(torch.arange(5) < 3, -100, ids)})):
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        with torch.inference_mode():
+            assert torch.equal(model(**inputs).logits, expected)
