@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -17,6 +17,14 @@ LEGACY_AUTO_TASK_TYPE = "AUTO"
 
 def _fail(field_name: str, message: str) -> None:
     raise ValueError(f"SmearConfig.{field_name}: {message}")
+
+
+def _check_int(field_name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """An integer knob: a real ``int`` (not a bool, float or string) of at least ``minimum`` (or None if optional)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(field_name, f"must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}.")
 
 
 @dataclass
@@ -197,8 +205,7 @@ class SmearConfig(PeftConfig):
 
         if self.expert_type not in EXPERT_TYPES:
             _fail("expert_type", f"unknown expert type {self.expert_type!r}; choose one of {', '.join(EXPERT_TYPES)}.")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            _fail("r", f"must be a positive integer, got {self.r!r}.")
+        _check_int("r", self.r, 1)
         if not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}.")
         if self.expert_type != "adapter":
@@ -215,14 +222,11 @@ class SmearConfig(PeftConfig):
                           "subset of target_modules (as in PEFT's IA3Config).")
         if self.routing not in ROUTING_METHODS:
             _fail("routing", f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_METHODS)}.")
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
-            _fail("num_experts", f"must be a positive integer, got {self.num_experts!r}.")
+        _check_int("num_experts", self.num_experts, 1)
         if not 0.0 <= self.expert_dropout < 1.0:
             _fail("expert_dropout", f"must be in [0, 1), got {self.expert_dropout}.")
-        if self.reduction_factor < 1:
-            _fail("reduction_factor", f"must be >= 1, got {self.reduction_factor}.")
-        if self.bottleneck_size is not None and self.bottleneck_size < 1:
-            _fail("bottleneck_size", f"must be >= 1 or None, got {self.bottleneck_size}.")
+        _check_int("reduction_factor", self.reduction_factor, 1)
+        _check_int("bottleneck_size", self.bottleneck_size, 1, optional=True)
         from .experts import ACTIVATIONS
 
         if self.activation not in ACTIVATIONS:
@@ -231,8 +235,7 @@ class SmearConfig(PeftConfig):
             _fail("expert_init_std", "expert_init_std and router_init_scale must be positive.")
         if self.causal_routing not in (None, "prompt", "segment"):
             _fail("causal_routing", f"must be None, 'prompt' or 'segment', got {self.causal_routing!r}.")
-        if not isinstance(self.segment_length, int) or isinstance(self.segment_length, bool) or self.segment_length < 1:
-            _fail("segment_length", f"must be a positive integer, got {self.segment_length!r}.")
+        _check_int("segment_length", self.segment_length, 1)
         if self.causal_routing is not None and self.pooling != "masked_mean":
             _fail("pooling", "causal routing always averages over the real tokens it may see; keep pooling='masked_mean'.")
         if self.pooling not in ("masked_mean", "mean"):
@@ -244,11 +247,13 @@ class SmearConfig(PeftConfig):
             _fail("sublayers", f"must be a non-empty subset of {list(SUBLAYERS)}, got {self.sublayers!r}.")
         if self.batch_norm_statistics not in ("update", "frozen"):
             _fail("batch_norm_statistics", f"must be 'update' or 'frozen', got {self.batch_norm_statistics!r}.")
-        if not 1 <= self.top_k <= self.num_experts:
+        _check_int("top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
             _fail("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}.")
         if not 0 < self.gumbel_min_temperature <= self.gumbel_temperature:
             _fail("gumbel_temperature", "need 0 < gumbel_min_temperature <= gumbel_temperature.")
-        if self.gumbel_anneal_rate < 0 or self.gumbel_anneal_every < 1:
+        _check_int("gumbel_anneal_every", self.gumbel_anneal_every, 1)
+        if self.gumbel_anneal_rate < 0:
             _fail("gumbel_anneal_rate", "need gumbel_anneal_rate >= 0 and gumbel_anneal_every >= 1.")
         if self.gumbel_schedule not in (None, "t5", "resnet"):
             _fail("gumbel_schedule", f"must be None, 't5' or 'resnet', got {self.gumbel_schedule!r}.")
@@ -256,6 +261,7 @@ class SmearConfig(PeftConfig):
             _fail("monolithic_params", f"must be 'compute' or 'params', got {self.monolithic_params!r}.")
         if self.tag_names is not None and len(set(self.tag_names)) != len(self.tag_names):
             _fail("tag_names", "names must be unique.")
+        _check_int("num_tags", self.num_tags, 1, optional=True)
         if self.tag_names is not None and self.num_tags is not None and self.num_tags != len(self.tag_names):
             _fail("num_tags", f"is {self.num_tags} but tag_names lists {len(self.tag_names)} names; drop num_tags.")
         if self.routing == "tag":

@@ -141,13 +141,10 @@ class LoraExperts(nn.Module):
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, scaling: float):
         super().__init__()
+        self.num_experts = num_experts  # an int, not a parameter shape: FSDP1 / ZeRO-3 shards flatten the stacks
         self.scaling = scaling
         self.lora_A = nn.Parameter(torch.empty(num_experts, in_features, rank))
         self.lora_B = nn.Parameter(torch.empty(num_experts, rank, out_features))
-
-    @property
-    def num_experts(self) -> int:
-        return self.lora_A.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -216,12 +213,9 @@ class IA3Experts(nn.Module):
 
     def __init__(self, num_experts: int, features: int, feedforward: bool):
         super().__init__()
+        self.num_experts = num_experts  # an int, not a parameter shape: FSDP1 / ZeRO-3 shards flatten the stacks
         self.feedforward = feedforward
         self.ia3_l = nn.Parameter(torch.empty(num_experts, features))
-
-    @property
-    def num_experts(self) -> int:
-        return self.ia3_l.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:

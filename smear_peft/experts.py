@@ -43,6 +43,7 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, bottleneck_size: int, activation: str = "swish"):
         super().__init__()
+        self.num_experts = num_experts  # an int, not a parameter shape: FSDP1 / ZeRO-3 shards flatten the stacks
         self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
         self.down_weight = nn.Parameter(torch.empty(num_experts, hidden_size, bottleneck_size))
@@ -55,10 +56,6 @@ class Experts(nn.Module):
         ``fsdp_auto_wrap_policy``, which wraps leaf modules whose ``weight`` is trainable) make the experts their own
         unit, keeping trainable and frozen parameters in different flat parameters (``use_orig_params=False``)."""
         return self.down_weight
-
-    @property
-    def num_experts(self) -> int:
-        return self.down_weight.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -110,6 +110,50 @@ def test_discrete_and_monolithic_methods_record_what_they_used(t5_batch):
     assert recorder.probs(name).gather(-1, recorder.chosen(name)[:, None]).min() > 0  # sampled experts
 
 
+def partition_like_zero3(model):
+    """Outside its own forward, every adapter expert stack holds an empty tensor (ZeRO-3 / FSDP1 keep only a flat
+    shard there); a pre-hook puts the full tensors back for the forward and a post-hook empties them again."""
+    from smear_peft.experts import Experts
+    from smear_peft.expert_types import IA3Experts, LoraExperts
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (Experts, LoraExperts, IA3Experts)):
+            full = {name: p.data for name, p in module.named_parameters(recurse=False)}
+
+            def gather(mod, args, full=full):
+                for name, p in mod.named_parameters(recurse=False):
+                    p.data = full[name]
+
+            def release(mod, args, output):
+                for p in mod.parameters(recurse=False):
+                    p.data = torch.empty(0, dtype=p.dtype)
+
+            handles += [module.register_forward_pre_hook(gather), module.register_forward_hook(release)]
+            release(module, None, None)
+    return handles
+
+
+@pytest.mark.parametrize("expert_type", ["adapter", "lora", "ia3"])
+@pytest.mark.parametrize("routing", ["tag", "hash", "top_k", "smear"])
+def test_recorder_reads_the_expert_count_from_the_config_not_from_sharded_parameters(t5_batch, routing, expert_type):
+    typed = {} if expert_type == "adapter" else dict(expert_type=expert_type)
+    model = build(routing, num_experts=5, **typed)
+    kwargs = dict(routing_tags=[2, 0, 1]) if routing == "tag" else {}
+    if routing == "hash":
+        kwargs = dict(routing_keys=[11, 12, 13])
+    with RoutingRecorder(model) as full, torch.no_grad():
+        want = model(**t5_batch, **kwargs).logits
+    partition_like_zero3(model)
+    with RoutingRecorder(model) as sharded, torch.no_grad():
+        got = model(**t5_batch, **kwargs).logits
+    assert torch.equal(got, want)  # expert parameters are used only inside their module's forward
+    for name in full.block_names:
+        assert sharded.records[name].num_experts == 5
+        assert torch.equal(sharded.probs(name), full.probs(name))
+        assert torch.equal(sharded.expert_counts(name), full.expert_counts(name))
+
+
 def test_recorder_is_off_outside_its_block_and_nests(t5_batch, monkeypatch):
     model = build()
     frames = model.base_model.frames
