@@ -160,6 +160,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = results["groups"]
+    settings = results["settings"]
     fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.2), squeeze=False)
     for ax, (group, sections) in zip(axes[0], groups.items()):
         tasks = list(sections)
@@ -173,7 +174,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(tasks))])
         ax.set_xticklabels(tasks)
         ax.set_ylabel(f"throughput / PEFT {group}")
-        ax.set_title(f"{group} experts (Llama-shaped, width 1024)")
+        ax.set_title(f"{group} experts (Llama-shaped, width 1024; batch {settings['batch']} x {settings['seq_len']} tokens)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
