@@ -88,7 +88,9 @@ def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tens
     In ``generate``: the prompt of the first forward (its real tokens, or the ``routing_mask`` given to generate);
     later forwards reuse what the blocks computed then. Otherwise an explicit ``routing_mask``, else the real positions
     before the first one whose label is not -100 (the prompt of instruction tuning)."""
-    input_ids = named.get("input_ids", named.get("inputs_embeds"))
+    input_ids = named.get("input_ids")
+    if input_ids is None:  # generate(inputs_embeds=...) passes input_ids=None
+        input_ids = named.get("inputs_embeds")
     if frame.input_mask is not None:
         real = frame.input_mask.bool()
     elif isinstance(input_ids, torch.Tensor):
@@ -106,6 +108,8 @@ def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tens
         )
     routing_mask = frame.routing_mask
     if routing_mask is not None:
+        if session is not None:  # one row per example: repeated for its beams / return sequences
+            routing_mask = frame.per_example(routing_mask, real.shape[0], "routing_mask rows")
         if routing_mask.shape != real.shape:
             raise ValueError(
                 f"routing_mask has shape {tuple(routing_mask.shape)}, but the inputs have {tuple(real.shape)} "

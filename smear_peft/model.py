@@ -429,20 +429,60 @@ class SmearModel(BaseTuner):
         reuse = kwargs.pop("routing_cache", True)
         # One session per generate call; a session opened around it (several calls sharing one) is kept.
         session = outer.session if outer is not None and outer.session is not None else GenerationSession(reuse_experts=reuse)
-        self._check_generation(kwargs)
+        self._check_generation(kwargs, keys_given=keys is not None)
+        examples = generation_batch_size(args, kwargs)
+        if examples is not None:
+            names = outer.adapter_names if outer is not None else None
+            for what, values in (("routing_tags", tags), ("routing_keys", keys), ("routing_mask", mask),
+                                 ("adapter_names", names)):
+                if values is not None and len(values) != examples:
+                    raise ValueError(
+                        f"generate() got {len(values)} {what} for {examples} examples: pass exactly one per example "
+                        "(generate repeats each example's value for its beams and return sequences)."
+                    )
         with self.frames.scope(tags=tags, keys=keys, routing_mask=mask, session=session):
             return generate(*args, **kwargs)
 
-    def _check_generation(self, kwargs: dict) -> None:
-        segments = any(m.config.causal_routing == "segment" for m in self._active_methods())
-        if not segments or kwargs.get("use_cache") is False:
+    def _check_generation(self, kwargs: dict, keys_given: bool) -> None:
+        """Generation strategies that cannot keep causal routing exact are refused with the fix."""
+        if not self.has_causal_blocks:
             return
+        methods = self._active_methods()
         config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-        if beams > 1:
+
+        def option(name: str, default: Any = None) -> Any:
+            return kwargs[name] if name in kwargs else getattr(config, name, default)
+
+        prompt_routed = any(
+            m.config.causal_routing == "prompt" and (m.uses_router or (m.needs_keys and not keys_given)) for m in methods
+        )
+        if prompt_routed and option("prefill_chunk_size") is not None:
+            raise ValueError(
+                "generate(prefill_chunk_size=...) feeds the prompt in chunks, but causal_routing='prompt' routes every "
+                "block on the whole prompt before the first token: drop prefill_chunk_size (or use "
+                "causal_routing='segment')."
+            )
+        if option("assistant_model") is not None:
+            raise ValueError(
+                "Assisted generation (assistant_model=...) re-feeds candidate tokens through a cropped KV cache, which "
+                "causal routing does not follow: generate without assistant_model."
+            )
+        if _cache_length(kwargs.get("past_key_values")) or _cache_length(kwargs.get("cache")):
+            raise ValueError(
+                "generate() was given a filled KV cache (a prefix cache): causal routing needs the whole prompt in "
+                "the call. Pass the full prompt without past_key_values / cache."
+            )
+        if not any(m.config.causal_routing == "segment" for m in methods) or option("use_cache") is False:
+            return
+        if (option("num_beams", 1) or 1) > 1:
             raise ValueError(
                 "causal_routing='segment' keeps per-sequence routing state that beam search would have to reorder "
                 "with its KV cache: pass use_cache=False to generate with beams (same results, slower)."
+            )
+        if option("prompt_lookup_num_tokens") is not None:
+            raise ValueError(
+                "causal_routing='segment' keeps per-sequence routing state that prompt-lookup decoding would have to "
+                "roll back with its KV cache: pass use_cache=False, or generate without prompt_lookup_num_tokens."
             )
 
     # -- training-time API -----------------------------------------------------------------------------------------
@@ -466,6 +506,31 @@ class SmearModel(BaseTuner):
     def smear_layers(self) -> Iterable[SmearLayer]:
         """Every routing block, in model order."""
         return (m for m in self.model.modules() if isinstance(m, SmearLayer))
+
+
+def generation_batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    """Number of examples a ``generate`` call was given (before beams / return sequences), or None if unknown."""
+    candidates = [args[0]] if args else []
+    candidates += [kwargs.get(name) for name in ("inputs", "input_ids", "inputs_embeds", "input_features",
+                                                  "input_values", "pixel_values", "attention_mask")]
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        candidates.append(encoder_outputs[0])
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
 
 
 class GenerateInSession:

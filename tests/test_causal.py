@@ -257,3 +257,81 @@ def test_causal_lm_presets_need_no_target_modules():
     names = [layer.block_name for layer in model.base_model.smear_layers()]
     assert names == [f"model.decoder.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "fc2")]
     assert model.peft_config["default"].causal_routing == "prompt"
+
+
+def test_generate_with_a_routing_mask_repeats_it_for_beams_and_return_sequences():
+    model = smear_causal("llama")
+    ids, _ = prompt_batch(prompt_len=6, total=6)
+    routing_mask = torch.zeros_like(ids, dtype=torch.bool)
+    routing_mask[0, :3] = True  # example 0 routes on its first 3 tokens, example 1 on its first 5
+    routing_mask[1, :5] = True
+    ones = torch.ones_like(ids)
+    for kwargs in (dict(num_beams=2), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True, top_k=1, num_return_sequences=2)):
+        kwargs.update(max_new_tokens=4, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            together = model.generate(input_ids=ids, attention_mask=ones, routing_mask=routing_mask, **kwargs)
+            per, beams = len(together.sequences) // 2, len(together.scores[0]) // 2
+            for row in range(2):
+                alone = model.generate(input_ids=ids[row:row + 1], attention_mask=ones[:1],
+                                       routing_mask=routing_mask[row:row + 1], **kwargs)
+                assert torch.equal(together.sequences[row * per:(row + 1) * per], alone.sequences)
+                torch.testing.assert_close(together.scores[0][row * beams:(row + 1) * beams], alone.scores[0], rtol=0, atol=1e-5)
+        # and the mask matters: routing example 0 on 5 tokens changes its first scores
+        changed = routing_mask.clone()
+        changed[0, :5] = True
+        with torch.no_grad():
+            other = model.generate(input_ids=ids, attention_mask=ones, routing_mask=changed, **kwargs)
+        assert not torch.allclose(other.scores[0][:beams], together.scores[0][:beams])
+
+
+@pytest.mark.parametrize("what", ["routing_tags", "adapter_names"])
+def test_generate_takes_exactly_one_tag_or_adapter_name_per_example(what):
+    model = smear_causal("llama", routing="tag") if what == "routing_tags" else smear_causal("llama")
+    if what == "adapter_names":
+        model.add_adapter("other", SmearConfig(num_experts=4, reduction_factor=4))
+    ids, _ = prompt_batch(prompt_len=5, total=5)
+    values = {"routing_tags": ([3], [0, 1, 2, 3], [0, 1, 2]), "adapter_names": (["other"], ["default", "other"] * 2)}[what]
+    for value in values:  # counts that divide the expanded batch (2 examples x beams) used to be spread over it
+        for beams in (1, 2, 3):
+            with pytest.raises(ValueError, match=f"got {len(value)} {what} for 2 examples"):
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, num_beams=beams,
+                               pad_token_id=0, **{what: value})
+    assert model.base_model.frames.current() is None
+
+
+def test_generate_from_inputs_embeds_without_padding_routes_on_the_whole_prompt():
+    model = smear_causal("llama")
+    ids, _ = prompt_batch(prompt_len=5, total=5)
+    embeds = model.get_input_embeddings()(ids)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        by_ids = model.generate(input_ids=ids, **kwargs)
+        by_embeds = model.generate(inputs_embeds=embeds, **kwargs)  # transformers drops the mask and the input ids
+    assert torch.equal(by_embeds.sequences, by_ids.sequences[:, 5:])
+    torch.testing.assert_close(by_embeds.scores[0], by_ids.scores[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_generation_strategies_that_cannot_keep_causal_routing_are_refused(mode):
+    model = smear_causal("llama", **mode)
+    ids, _ = prompt_batch(prompt_len=6, total=6)
+    ones = torch.ones_like(ids)
+    kwargs = dict(input_ids=ids, attention_mask=ones, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    refused = [(dict(assistant_model=tiny_causal("llama")), "assistant_model")]
+    with torch.no_grad(), model.disable_adapter():
+        prefix = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+    refused.append((dict(past_key_values=prefix), "prefix cache"))
+    if mode:  # segment routing
+        refused.append((dict(prompt_lookup_num_tokens=2), "prompt_lookup_num_tokens"))
+        with torch.no_grad():  # chunked prefill is exact for segment routing (each segment routes on the previous)
+            chunked = model.generate(**kwargs, prefill_chunk_size=4)
+            assert torch.equal(chunked, model.generate(**kwargs))
+    else:
+        refused.append((dict(prefill_chunk_size=4), "prefill_chunk_size"))
+        one = dict(kwargs, input_ids=ids[:1], attention_mask=ones[:1])  # transformers: batch size 1 only
+        with torch.no_grad():  # prompt lookup decoding is exact for prompt routing (routing fixed at prefill)
+            assert torch.equal(model.generate(**one, prompt_lookup_num_tokens=2), model.generate(**one))
+    for extra, message in refused:
+        with pytest.raises(ValueError, match=message):
+            model.generate(**kwargs, **extra)
+    assert model.base_model.frames.current() is None
