@@ -16,7 +16,15 @@ The recorder stores, for every block (keyed by its module name, e.g. ``encoder.b
   router record the one-hot of the expert they used (``tag``, ``hash``) or ``[n, 1]`` ones (``monolithic``);
 * ``chosen`` ``[n]``: the expert each example used (discrete methods; the top-``k`` list's first for ``top_k`` with
   k > 1) or the argmax of ``probs`` for soft methods (``smear``, ``ensemble``);
-* ``tags`` ``[n]``: the example's ``routing_tags`` (-1 when none were given).
+* ``tags`` ``[n]``: the example's ``routing_tags`` (-1 when none were given);
+* ``weights`` ``[n, N]``: what the block did with its experts, exactly (`RoutingDecision.dense_weights`): the merge
+  weights (``smear``), the output weights (``ensemble``; top-k's renormalised weights at their experts; k=1:
+  ``p_argmax`` at the argmax) or the one-hot of the chosen expert (``st_gumbel``, ``reinforce``, ``tag``, ``hash``),
+  combined as the record's ``mixture`` says (``parameters`` for merges, ``outputs`` otherwise). `export_adapter`
+  exports these, not ``probs``.
+
+Each record also says which ``adapter`` it belongs to and which module (``module``) it routes, and whether its rows are
+segments (``segmented``: ``causal_routing="segment"`` routes every segment of an example on its own).
 
 Rows are the examples a block saw: ``B`` per forward, ``B * num_beams`` for decoder blocks under ``generate`` (each
 decoder block routes once per ``generate`` call). Nothing is recorded, and nothing costs anything, outside the
@@ -44,12 +52,21 @@ class BlockRecord:
     probs: list[torch.Tensor] = field(default_factory=list)
     chosen: list[torch.Tensor] = field(default_factory=list)
     tags: list[torch.Tensor] = field(default_factory=list)
+    adapter: str = "default"
+    module: str = ""
+    weights: list[torch.Tensor] = field(default_factory=list)
+    mixture: Optional[str] = None  # "parameters" (merge), "outputs" (select / mix) or None (shared)
+    segmented: bool = False  # rows are segments of examples (causal_routing="segment"), not examples
 
 
 @dataclass
 class RoutingMeans:
     """Mean routing distribution per tag per block: ``means[b, t]`` is the average of ``probs`` over the examples of
-    tag ``tags[t]`` seen by block ``blocks[b]`` (``counts[b, t]`` of them; rows with no examples are NaN)."""
+    tag ``tags[t]`` seen by block ``blocks[b]`` (``counts[b, t]`` of them; rows with no examples are NaN).
+
+    ``weights`` are the means of the recorded `RoutingRecorder.weights` (what the blocks did, combined as
+    ``mixtures[b]`` says), which `export_adapter` exports; ``adapters[b]`` and ``modules[b]`` name the adapter and
+    module of block ``b``, ``segmented[b]`` whether its rows were segments. Means built by hand leave them empty."""
 
     blocks: list[str]
     tags: list[int]
@@ -57,6 +74,11 @@ class RoutingMeans:
     means: torch.Tensor  # [blocks, tags, experts]
     counts: torch.Tensor  # [blocks, tags]
     sides: list[str] = field(default_factory=list)
+    weights: Optional[torch.Tensor] = None  # [blocks, tags, experts]
+    mixtures: list[Optional[str]] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    segmented: list[bool] = field(default_factory=list)
 
     def block(self, name: str) -> torch.Tensor:
         """``[tags, experts]`` mean probabilities of one block."""
@@ -97,8 +119,11 @@ class RoutingRecorder:
 
     # -- called by SmearLayer --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def record(self, layer: nn.Module, adapter: str, decision: Any, tags: Optional[torch.Tensor]) -> None:
-        """Store one block's decision for one batch (called by `SmearLayer` while the recorder is active)."""
+    def record(
+        self, layer: nn.Module, adapter: str, decision: Any, tags: Optional[torch.Tensor], segmented: bool = False
+    ) -> None:
+        """Store one block's decision for one batch (called by `SmearLayer` while the recorder is active;
+        ``segmented``: the decision's rows are segments of the examples, not the examples)."""
         if self.adapter is not None and adapter != self.adapter:
             return
         name = layer.block_name if adapter == "default" or self.adapter is not None else f"{layer.block_name}@{adapter}"
@@ -107,7 +132,15 @@ class RoutingRecorder:
             num_experts = decision.probs.shape[-1]
         record = self.records.get(name)
         if record is None:
-            record = self.records[name] = BlockRecord(side=layer.side, num_experts=num_experts)
+            record = self.records[name] = BlockRecord(
+                side=layer.side, num_experts=num_experts, adapter=adapter, module=layer.block_name,
+                mixture=decision.mixture,
+            )
+        elif record.mixture != decision.mixture:  # no routing method changes kind; a guard for custom ones
+            raise RuntimeError(
+                f"Block {name!r} routed as {record.mixture!r} and now as {decision.mixture!r}: record them apart."
+            )
+        record.segmented = record.segmented or segmented
         chosen = decision.chosen_experts()
         if decision.probs is not None:
             probs = decision.probs.detach().float().cpu()
@@ -120,6 +153,8 @@ class RoutingRecorder:
         else:
             probs = F.one_hot(chosen.detach().cpu().long(), num_experts).float()
         chosen = chosen.detach().cpu().long()
+        weights = decision.dense_weights(num_experts)
+        record.weights.append(torch.ones(probs.shape[0], 1) if weights is None else weights.detach().float().cpu())
         record.probs.append(probs)
         record.chosen.append(chosen)
         record.tags.append(
@@ -139,6 +174,16 @@ class RoutingRecorder:
     def chosen(self, block: str) -> torch.Tensor:
         """``[n]`` expert used by each recorded example of a block."""
         return torch.cat(self.records[block].chosen)
+
+    def weights(self, block: str) -> torch.Tensor:
+        """``[n, N]`` what the block did with its experts for each recorded row (see the module docstring), combined
+        as ``records[block].mixture`` says."""
+        return torch.cat(self.records[block].weights)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapters recorded, in the order they first routed."""
+        return list(dict.fromkeys(record.adapter for record in self.records.values()))
 
     def tags(self, block: str) -> torch.Tensor:
         """``[n]`` tag of each recorded example of a block (-1: none)."""
@@ -160,17 +205,24 @@ class RoutingRecorder:
         tag_values = sorted(set(all_tags.tolist()))
         width = max(self.records[b].num_experts for b in blocks)
         means = torch.full((len(blocks), len(tag_values), width), float("nan"))
+        weight_means = torch.full((len(blocks), len(tag_values), width), float("nan"))
         counts = torch.zeros(len(blocks), len(tag_values), dtype=torch.long)
         for i, block in enumerate(blocks):
-            probs, tags = self.probs(block), self.tags(block)
+            probs, weights, tags = self.probs(block), self.weights(block), self.tags(block)
             for j, tag in enumerate(tag_values):
                 rows = tags == tag
                 counts[i, j] = int(rows.sum())
                 if counts[i, j]:
-                    means[i, j, : probs.shape[1]] = probs[rows].mean(0)
-                    means[i, j, probs.shape[1]:] = 0.0
+                    for target, values in ((means, probs), (weight_means, weights)):
+                        target[i, j, : values.shape[1]] = values[rows].mean(0)
+                        target[i, j, values.shape[1]:] = 0.0
         labels = [self._tag_label(t) for t in tag_values]
-        return RoutingMeans(blocks, tag_values, labels, means, counts, [self.records[b].side for b in blocks])
+        records = [self.records[b] for b in blocks]
+        return RoutingMeans(
+            blocks, tag_values, labels, means, counts, [r.side for r in records], weight_means,
+            [r.mixture for r in records], [r.adapter for r in records], [r.module for r in records],
+            [r.segmented for r in records],
+        )
 
     def _tag_label(self, tag: int) -> str:
         if tag < 0:

@@ -11,6 +11,10 @@ from .routing import ROUTING_METHODS
 
 #: Sublayers that get an expert routing block in transformer presets.
 SUBLAYERS = ("self_attention", "cross_attention", "feed_forward")
+#: Default of ``feedforward_modules``: PEFT's IA3 table of the model type, resolved (and saved as a list) by
+#: ``get_peft_model``. Not ``None``, which configs saved by earlier versions hold with explicit ``target_modules``
+#: and which must keep meaning "no module input-scaled" there.
+FEEDFORWARD_PRESET = "preset"
 #: ``task_type`` written by smear-peft 0.1 (which picked the PEFT model class itself); read as ``None``.
 LEGACY_AUTO_TASK_TYPE = "AUTO"
 
@@ -55,7 +59,11 @@ class SmearConfig(PeftConfig):
         lora_dropout: Dropout on the LoRA experts' input, as PEFT.
         use_rslora: Rank-stabilised LoRA scaling ``lora_alpha / sqrt(r)``.
         feedforward_modules: ``expert_type="ia3"``: targets whose *input* is scaled (PEFT's IA3 FFN modules); the
-            others get their output scaled. Filled from the preset with ``target_modules``.
+            others get their output scaled. ``"preset"`` (the default): as PEFT's `IA3Config`, the feed-forward
+            modules of PEFT's IA3 table for the model type (those among ``target_modules``; none for a model type
+            without a table, where PEFT raises), resolved by ``get_peft_model`` and saved as a list. ``None``: as in
+            earlier versions and the configs they saved, the preset's with preset ``target_modules``, none with
+            explicit ones.
         num_experts: Number of experts per block (the paper uses 8 for GLUE, 6 for DomainNet).
         routing: Routing method, one of ``smear``, ``top_k``, ``st_gumbel``, ``reinforce``, ``tag``, ``hash``,
             ``monolithic``, ``ensemble``.
@@ -127,7 +135,8 @@ class SmearConfig(PeftConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA experts' input."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale LoRA updates by lora_alpha / sqrt(r)."})
     feedforward_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "expert_type='ia3': targets whose input (not output) is scaled."}
+        default=FEEDFORWARD_PRESET,
+        metadata={"help": "expert_type='ia3': targets whose input (not output) is scaled ('preset': PEFT's table)."},
     )
     num_experts: int = field(default=8, metadata={"help": "Number of experts per routing block."})
     routing: str = field(default="smear", metadata={"help": f"Routing method: one of {', '.join(ROUTING_METHODS)}."})
@@ -183,6 +192,8 @@ class SmearConfig(PeftConfig):
         self.peft_type = _smear_peft_type()
         if self.train_layer_norms is None:
             self.train_layer_norms = self.expert_type == "adapter"
+        if self.feedforward_modules == FEEDFORWARD_PRESET and self.expert_type != "ia3":
+            self.feedforward_modules = None  # the default means nothing for other expert types (saved as null)
         for name in ("target_modules", "exclude_modules", "modules_to_save", "sublayers", "tag_names", "feedforward_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):

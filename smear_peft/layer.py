@@ -342,7 +342,7 @@ class SmearLayer(nn.Module, BaseTunerLayer):
                 terms = AuxiliaryTerms(decision.log_prob, decision.entropy, baseline, example)
                 frame.reinforce_terms.setdefault(adapter, (routing.config, []))[1].append(terms)
         if frame.recorder is not None and frame.records:
-            frame.recorder.record(self, adapter, decision, tags)
+            frame.recorder.record(self, adapter, decision, tags, segmented=example is not None)
         return decision
 
     # -- layouts ---------------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from torch import nn
 
 from .architectures import ArchitecturePreset, block_layout, find_preset, supported_model_types
 from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm_statistics
-from .config import SUBLAYERS, SmearConfig, check_layer_selection
-from .expert_types import linear_shape, preset_targets
+from .config import FEEDFORWARD_PRESET, SUBLAYERS, SmearConfig, check_layer_selection
+from .expert_types import linear_shape, matches_modules, preset_targets
 from .frames import CarryFrames, FrameStack, GenerationSession
 from .hooks import ROUTING_KWARGS, FrameHooks
 from .layer import SmearLayer
@@ -103,8 +103,15 @@ class SmearModel(BaseTuner):
                     if peft_config.expert_type == "ia3" else "") + ")."
                 )
             peft_config.target_modules, feedforward = targets
-            if peft_config.expert_type == "ia3" and peft_config.feedforward_modules is None:
+            if peft_config.expert_type == "ia3" and peft_config.feedforward_modules in (None, FEEDFORWARD_PRESET):
                 peft_config.feedforward_modules = feedforward
+        if peft_config.expert_type == "ia3" and peft_config.feedforward_modules == FEEDFORWARD_PRESET:
+            # As PEFT's IA3Config: the table's feed-forward modules also for explicit target_modules. Saved resolved.
+            table = preset_targets(model_config.get("model_type"), "ia3")
+            feedforward = table[1] if table else []
+            if isinstance(peft_config.target_modules, list):  # kept a subset of the targets (SmearConfig.validate)
+                feedforward = [t for t in peft_config.target_modules if matches_modules(t, feedforward)]
+            peft_config.feedforward_modules = feedforward
         if preset is None and peft_config.target_modules is None:
             raise ValueError(
                 f"smear-peft has no preset for model_type={model_config.get('model_type')!r} (presets: "

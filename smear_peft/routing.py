@@ -68,6 +68,29 @@ class RoutingDecision:
     entropy: Optional[torch.Tensor] = None
     batch_size: Optional[int] = None  # set by ``shared`` decisions, which carry no per-example tensor
 
+    @property
+    def mixture(self) -> Optional[str]:
+        """How `dense_weights` combine the experts: ``"parameters"`` (a merge of their parameters), ``"outputs"``
+        (a weighted sum of their outputs; select and mix decisions) or ``None`` (``shared``: the one expert)."""
+        return {"merge": "parameters", "select": "outputs", "mix": "outputs"}.get(self.kind)
+
+    def dense_weights(self, num_experts: int) -> Optional[torch.Tensor]:
+        """``[B, N]`` weight of every expert in what the block computed for each example, combined as `mixture` says:
+        ``merge``: the weights of the parameter average; ``select``: one-hot of the chosen expert times its output
+        scale (1 without one); ``mix``: the mixing weights at their experts (zeros elsewhere); ``shared``: ``None``.
+        A fixed adapter with these weights computes exactly what the block did for that example (export)."""
+        if self.kind == "shared":
+            return None
+        if self.kind == "merge" or (self.kind == "mix" and self.index is None):
+            return self.weights.detach()
+        if self.kind == "select":
+            dense = F.one_hot(self.index.detach().long(), num_experts).to(torch.float32)
+            if self.weights is not None:
+                dense = dense * self.weights.detach().to(torch.float32)[:, None]
+            return dense
+        dense = torch.zeros(self.index.shape[0], num_experts, dtype=self.weights.dtype, device=self.weights.device)
+        return dense.scatter(1, self.index.detach().long(), self.weights.detach())
+
     def chosen_experts(self) -> Optional[torch.Tensor]:
         """``[B]`` expert per example for discrete decisions (analysis)."""
         if self.kind == "select":
@@ -129,6 +152,13 @@ class RoutingMethod:
     def decide(self, inputs: RoutingInputs) -> RoutingDecision:
         raise NotImplementedError
 
+    def export_mixture(self) -> str:
+        """How fixed routing weights given by hand (``export_adapter(probs=...)``) combine the experts when no
+        ``mixture`` is named: ``"parameters"`` (SMEAR's merge; also what a one-hot of a discrete method means) or
+        ``"outputs"`` (methods that weight their experts' outputs: ensemble, top-k). Recorded routings carry their
+        own (`RoutingDecision.mixture`)."""
+        return "parameters"
+
     # -- shared helpers ---------------------------------------------------------------------------------------------
     def router_probs(self, inputs: RoutingInputs) -> torch.Tensor:
         """The router's probabilities ``[B, N]`` after expert dropout (training only)."""
@@ -183,6 +213,9 @@ class EnsembleRouting(RoutingMethod):
         probs = self.router_probs(inputs)
         return RoutingDecision("mix", weights=probs, probs=probs)
 
+    def export_mixture(self) -> str:
+        return "outputs"
+
 
 @register_routing
 class TopKRouting(RoutingMethod):
@@ -199,6 +232,9 @@ class TopKRouting(RoutingMethod):
             return RoutingDecision("select", index=index, weights=weight, probs=probs)
         weights, index = probs.topk(k, dim=-1)
         return RoutingDecision("mix", index=index, weights=weights / weights.sum(-1, keepdim=True), probs=probs)
+
+    def export_mixture(self) -> str:
+        return "outputs"  # its weights scale the chosen experts' outputs (k=1: p_argmax times one expert's update)
 
 
 @register_routing

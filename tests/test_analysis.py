@@ -110,6 +110,63 @@ def test_discrete_and_monolithic_methods_record_what_they_used(t5_batch):
     assert recorder.probs(name).gather(-1, recorder.chosen(name)[:, None]).min() > 0  # sampled experts
 
 
+@pytest.mark.parametrize("routing,top_k", [("smear", 1), ("ensemble", 1), ("top_k", 1), ("top_k", 2),
+                                           ("st_gumbel", 1), ("reinforce", 1), ("tag", 1), ("monolithic", 1)])
+def test_recorder_weights_are_what_each_routing_did_with_its_experts(t5_batch, routing, top_k):
+    """`weights` (what export uses) per method, in evaluation: the merge / mixing weights, top-k's renormalised
+    weights at its experts (k=1: p_argmax at the argmax), the one-hot of a discrete method's expert."""
+    model = build(routing, top_k=top_k)
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        model(**t5_batch, routing_tags=[2, 0, 1])
+    for name in recorder.block_names:
+        probs, weights, record = recorder.probs(name), recorder.weights(name), recorder.records[name]
+        assert record.adapter == "default" and record.module == name and not record.segmented
+        if routing == "monolithic":
+            assert torch.equal(weights, torch.ones(3, 1)) and record.mixture is None
+            continue
+        if routing in ("smear", "ensemble"):
+            expected = probs
+        elif routing == "top_k":
+            top, index = probs.topk(top_k, dim=-1)
+            expected = torch.zeros(3, 4).scatter(1, index, top / top.sum(-1, keepdim=True) if top_k > 1 else top)
+        else:  # st_gumbel / reinforce (argmax in evaluation), tag: the expert used, unscaled
+            expected = F.one_hot(recorder.chosen(name), 4).float()
+            assert torch.equal(recorder.chosen(name), probs.argmax(-1)) or routing == "tag"
+        torch.testing.assert_close(weights, expected, rtol=0, atol=1e-7)
+        assert record.mixture == ("parameters" if routing == "smear" else "outputs")
+    means = recorder.mean_probs_per_tag()
+    assert means.adapters == ["default"] * 10 and means.modules == recorder.block_names
+    for b, name in enumerate(recorder.block_names):
+        for t in range(3):
+            torch.testing.assert_close(means.weights[b, t], recorder.weights(name)[recorder.tags(name) == t].mean(0))
+
+
+def test_recorder_names_each_blocks_adapter_and_marks_segments():
+    from .test_expert_types import tiny_llama
+
+    config = dict(expert_type="lora", num_experts=3, r=2, init_weights=False)
+    model = get_peft_model(tiny_llama(), SmearConfig(**config))
+    model.add_adapter("b", SmearConfig(**config))
+    model.base_model.set_adapter(["default", "b"])
+    ids = torch.randint(2, 64, (2, 5))
+    with RoutingRecorder(model) as both, torch.no_grad():
+        model(input_ids=ids, routing_mask=torch.ones_like(ids))
+    block = "model.layers.0.self_attn.q_proj"
+    assert both.adapters == ["default", "b"]
+    assert both.records[block].adapter == "default" and both.records[block + "@b"].adapter == "b"
+    assert both.records[block + "@b"].module == block
+    with RoutingRecorder(model, adapter="b") as only_b, torch.no_grad():
+        model(input_ids=ids, routing_mask=torch.ones_like(ids))
+    assert only_b.adapters == ["b"] and only_b.records[block].adapter == "b"
+    torch.testing.assert_close(only_b.weights(block), both.weights(block + "@b"))
+
+    segmented = get_peft_model(tiny_llama(), SmearConfig(**config, causal_routing="segment", segment_length=2))
+    with RoutingRecorder(segmented) as recorder, torch.no_grad():
+        segmented(input_ids=ids)
+    assert recorder.records[block].segmented and recorder.weights(block).shape == (6, 3)  # 2 examples x 3 segments
+    assert recorder.mean_probs_per_tag().segmented == [True] * len(recorder.block_names)
+
+
 def partition_like_zero3(model):
     """Outside its own forward, every adapter expert stack holds an empty tensor (ZeRO-3 / FSDP1 keep only a flat
     shard there); a pre-hook puts the full tensors back for the forward and a post-hook empties them again."""

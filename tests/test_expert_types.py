@@ -5,6 +5,7 @@ validation. Export to plain PEFT adapters is in ``test_export.py``."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -99,6 +100,62 @@ def test_presets_wrap_linear_layers_and_start_at_the_base_model(lm_batch):
     experts = {l.block_name.rsplit(".", 1)[-1]: l.smear_experts["default"] for l in ia3.modules() if isinstance(l, SmearLayer)}
     assert experts["down_proj"].feedforward and experts["down_proj"].ia3_l.shape == (4, 48)  # FFN input scaled
     assert not experts["v_proj"].feedforward and experts["v_proj"].ia3_l.shape == (4, 16)  # values: output scaled
+
+
+def test_ia3_feedforward_modules_default_to_peft_table_with_explicit_targets(lm_batch, tmp_path):
+    """As PEFT's IA3Config: explicit target_modules without feedforward_modules still input-scale the model type's FFN
+    modules (down_proj), and the resolved list is saved; a saved null (earlier versions) keeps loading as before."""
+    from peft import IA3Config, PeftConfig, PeftModel
+
+    targets = ["k_proj", "v_proj", "down_proj"]
+    assert SmearConfig(expert_type="ia3").feedforward_modules == "preset"
+    assert SmearConfig(expert_type="lora").feedforward_modules is None  # nothing for other types (saved as null)
+    model = randomise(get_peft_model(tiny_llama(), SmearConfig(expert_type="ia3", routing="monolithic",
+                                                               target_modules=targets))).eval()
+    peft = get_peft_model(tiny_llama(), IA3Config(target_modules=targets)).eval()
+    assert model.peft_config["default"].feedforward_modules == ["down_proj"]
+    assert sorted(peft.peft_config["default"].feedforward_modules) == ["down_proj"]
+    modules = dict(peft.base_model.model.named_modules())
+    layers = [l for l in model.modules() if isinstance(l, SmearLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            experts = layer.smear_experts["default"]
+            assert experts.feedforward == layer.block_name.endswith("down_proj")
+            target = modules[layer.block_name].ia3_l["default"]
+            assert target.numel() == experts.ia3_l[0].numel()  # down_proj: [48] (its input), not [32]
+            target.copy_(experts.ia3_l[0].reshape(target.shape))
+        inputs = {k: v for k, v in lm_batch.items() if k != "labels"}
+        expected = model(**inputs, routing_mask=torch.ones_like(inputs["input_ids"])).logits
+        torch.testing.assert_close(expected, peft(**inputs).logits, rtol=1e-6, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert saved["feedforward_modules"] == ["down_proj"]
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "new").eval()
+    assert loaded.peft_config["default"].feedforward_modules == ["down_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(**inputs, routing_mask=torch.ones_like(inputs["input_ids"])).logits, expected, rtol=0, atol=0)
+
+    # An adapter of an earlier version: explicit targets, feedforward_modules saved as null, down_proj output-scaled
+    old = randomise(get_peft_model(tiny_llama(), SmearConfig(expert_type="ia3", routing="monolithic",
+                                                             target_modules=targets, feedforward_modules=None))).eval()
+    old.save_pretrained(tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "adapter_config.json").read_text())["feedforward_modules"] is None
+    assert PeftConfig.from_pretrained(str(tmp_path / "old")).feedforward_modules is None
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "old").eval()
+    down = reloaded.base_model.model.model.layers[0].mlp.down_proj.smear_experts["default"]
+    assert not down.feedforward and down.ia3_l.shape == (1, 32)
+    with torch.no_grad():
+        call = dict(inputs, routing_mask=torch.ones_like(inputs["input_ids"]))
+        torch.testing.assert_close(reloaded(**call).logits, old(**call).logits, rtol=0, atol=0)
+
+    # An unresolved config saved before get_peft_model keeps the default; a model type without a table gets none
+    SmearConfig(expert_type="ia3", target_modules=targets).save_pretrained(tmp_path / "config")
+    assert PeftConfig.from_pretrained(str(tmp_path / "config")).feedforward_modules == "preset"
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    custom = get_peft_model(mlp, SmearConfig(expert_type="ia3", target_modules=["0", "2"], num_experts=2))
+    assert custom.peft_config["default"].feedforward_modules == []
 
 
 def test_lora_init_is_peft_init():
