@@ -227,7 +227,8 @@ class FrameHooks:
             return session.content_keys
         if frame.prompt_mask is None or any(m.config.causal_routing == "segment" for m in self.tuner._active_methods()):
             return None
-        keys = content_keys(named["input_ids"], frame.prompt_mask) if isinstance(named.get("input_ids"), torch.Tensor) else None
+        value = next((named[n] for n in ("input_ids", "inputs_embeds") if isinstance(named.get(n), torch.Tensor)), None)
+        keys = content_keys(value, frame.prompt_mask) if value is not None else None
         if session is not None:
             session.content_keys = keys
         return keys
@@ -236,7 +237,8 @@ class FrameHooks:
         for name in MAIN_INPUTS:
             value = named.get(name)
             if isinstance(value, torch.Tensor):
-                return content_keys(value, mask if name == "input_ids" else None)
+                # Token ids and embeddings are per position: padding is left out (a mask with one entry per position)
+                return content_keys(value, mask if name in ("input_ids", "inputs_embeds") else None)
         return None
 
     # -- encoder-decoder stacks ------------------------------------------------------------------------------------

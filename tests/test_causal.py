@@ -241,6 +241,42 @@ def test_hash_routing_of_a_causal_lm_hashes_the_prompt_only():
         segments(input_ids=ids)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_hash_routing_of_a_left_padded_causal_batch_equals_each_example_alone(model_type):
+    model = smear_causal(model_type, routing="hash")
+    embed = model.get_input_embeddings()
+    torch.manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (7, 4)]
+    width = 7
+    ids = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+    mask = (ids != 0).long()
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # GPT-2 has absolute positions: count them from the first real token
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    layer = next(m for m in model.modules() if type(m).__name__ == "SmearLayer")
+    chosen = []
+    decide = layer.smear_routing["default"].decide
+    layer.smear_routing["default"].decide = lambda inputs: chosen.append(decide(inputs).index.tolist()) or decide(inputs)
+    with torch.no_grad():
+        together = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=prompt[None], **kwargs)[0, len(prompt):]
+            assert torch.equal(together[row], alone)
+        blocks = len(chosen) // 3  # the routing method is shared by the adapter's blocks: one entry per block and call
+        # the padded batch's experts are the examples' own, in every block
+        assert chosen[:blocks] == [a + b for a, b in zip(chosen[blocks:2 * blocks], chosen[2 * blocks:])]
+        assert len({tuple(c) for c in chosen[:blocks]}) > 1
+        # Training-style forwards from ids and from embeddings (hashed over the prompt's real positions only).
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]
+        for inputs in (dict(input_ids=ids), dict(inputs_embeds=embed(ids))):
+            name, value = next(iter(inputs.items()))
+            batched = model(**inputs, attention_mask=mask, position_ids=position_ids, labels=labels).logits
+            alone = model(**{name: value[1:, 3:]}, labels=labels[1:, 3:]).logits
+            torch.testing.assert_close(batched[1, 3:], alone[0], rtol=0, atol=1e-5)
+
+
 def test_causal_routing_on_an_encoder_decoder_is_refused():
     from tests.conftest import tiny_t5
 
