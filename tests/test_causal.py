@@ -293,3 +293,33 @@ def test_causal_lm_presets_need_no_target_modules():
     names = [layer.block_name for layer in model.base_model.smear_layers()]
     assert names == [f"model.decoder.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "fc2")]
     assert model.peft_config["default"].causal_routing == "prompt"
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(causal_routing="segment", segment_length=2100)], ids=MODE_IDS)
+def test_float16_routing_on_a_long_prompt_stays_finite_and_close_to_float32(mode):
+    import copy
+
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=4400, pad_token_id=0)).eval()
+    with torch.no_grad():
+        base.transformer.h[0].mlp.c_proj.bias[0] = 40.0  # one large channel: its float16 sum over 2100 positions is inf
+    model = get_peft_model(base, SmearConfig(num_experts=4, reduction_factor=4, **mode)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "smear_" in name:
+                param.normal_(0.0, 0.3)
+    half = copy.deepcopy(model).half()
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (1, 4300))
+    labels = ids.clone()
+    labels[:, :2100] = -100
+    with torch.no_grad():
+        wide = model(input_ids=ids, labels=labels).logits
+        narrow = half(input_ids=ids, labels=labels).logits
+        with half.disable_adapter(), model.disable_adapter():
+            base_gap = (half(input_ids=ids).logits.float() - model(input_ids=ids).logits).abs().max()
+    assert torch.isfinite(narrow).all()
+    # as close to float32 as the base model in float16 is (its own float16 rounding), with routing on top
+    assert (narrow.float() - wide).abs().max() < 10 * base_gap + 1e-3

@@ -247,3 +247,36 @@ def test_inference_mode_gives_the_no_grad_outputs():
             expected = model(**inputs).logits
         with torch.inference_mode():
             assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_pooled_routing_inputs_accumulate_float16_in_float32():
+    from smear_peft.frames import RoutingFrame, pool
+    from smear_peft.sources import CausalSegment
+
+    # 2000 positions of 40.0: a float16 sum (80000) overflows to inf; float16 counts past 2048 are inexact (3001 -> 3000)
+    for positions, value in ((2000, 40.0), (3001, 1.0)):
+        states = torch.full((2, positions, 4), value, dtype=torch.float16)
+        mask = torch.ones(2, positions, dtype=torch.long)
+        mask[1, positions // 2:] = 0
+        states[1, positions // 2:] = 1000.0  # padding, left out of the masked mean
+        expected = torch.full((2, 4), value, dtype=torch.float16)
+        assert torch.equal(pool(states, mask, "masked_mean"), expected)
+        assert torch.equal(pool(states[:1], None, "mean"), expected[:1])
+        assert pool(states, mask).dtype == torch.float16
+    # The mean of random values: the float32 mean of the same float16 numbers, rounded once to float16.
+    torch.manual_seed(0)
+    states = (torch.randn(3, 2500, 8) * 30 + 20).half()
+    mask = torch.rand(3, 2500) > 0.3
+    reference = (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.equal(pool(states, mask), reference.half())
+    assert torch.equal(pool(states, None, "mean"), states.float().mean(1).half())
+    # float32 and float64 inputs: unchanged (summed in their own dtype)
+    for dtype in (torch.float32, torch.float64):
+        wide = states.to(dtype)
+        weights = mask.to(dtype).unsqueeze(-1)
+        assert torch.equal(pool(wide, mask), (wide * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+    # Causal segments: the segment sums too (a 2500-token segment of 40.0; the next segment routes on its mean).
+    states = torch.full((1, 5000, 4), 40.0, dtype=torch.float16)
+    plan = CausalSegment(2500).plan(object(), "default", states, RoutingFrame(kind="forward"), needs_input=True)
+    assert plan.pooled.dtype == torch.float16
+    assert torch.equal(plan.pooled, torch.tensor([[0.0] * 4, [40.0] * 4], dtype=torch.float16))
