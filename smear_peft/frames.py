@@ -85,6 +85,9 @@ class RoutingFrame:
     input_mask: Optional[torch.Tensor] = None
     prompt_mask: Optional[torch.Tensor] = None
     prompt_error: Optional[str] = None
+    #: Why the padding of this call is unknown (an attention mask that is not a 2-D padding mask); raised by the
+    #: routing that needs it.
+    mask_error: Optional[str] = None
     past_length: int = 0
     content_keys: Optional[torch.Tensor] = None
     #: Pooled encoder output per pooling mode, for the decoder blocks of encoder-decoder models.

@@ -97,6 +97,8 @@ class OwnInput(RoutingSource):
         mask = frame.input_mask
         if mask is not None and tokens.shape[1] == 1 and mask.shape[1] != 1:
             mask = None  # a block on a pooled [B, C] output: one position per example
+        elif mask is None and frame.mask_error is not None and self.pooling == "masked_mean" and tokens.shape[1] != 1:
+            raise ValueError(frame.mask_error)
         return RoutePlan(pooled=frame.pooled(tokens, mask, self.pooling))
 
 
@@ -181,6 +183,8 @@ class CausalSegment(RoutingSource):
         batch, positions, channels = tokens.shape
         length = self.segment_length
         mask = frame.input_mask
+        if mask is None and frame.mask_error is not None:  # segments count real tokens only
+            raise ValueError(frame.mask_error)
         if mask is None:
             mask = torch.ones(batch, positions, dtype=torch.bool, device=tokens.device)
         else:  # with a KV cache the attention mask also covers the cached positions: keep this call's

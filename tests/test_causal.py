@@ -277,6 +277,66 @@ def test_hash_routing_of_a_left_padded_causal_batch_equals_each_example_alone(mo
             torch.testing.assert_close(batched[1, 3:], alone[0], rtol=0, atol=1e-5)
 
 
+def four_d_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The additive [B, 1, S, S] causal mask of a 2-D padding mask (padding rows attend to themselves)."""
+    width = mask.shape[1]
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    allowed = allowed | torch.eye(width, dtype=torch.bool)[None, None]
+    return torch.zeros(mask.shape[0], 1, width, width).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def test_a_4d_attention_mask_is_an_error_naming_the_fix_unless_routing_does_not_need_it():
+    model = smear_causal("llama")
+    ids, labels = prompt_batch(prompt_len=5, total=8)
+    ids[1, :3] = 0  # left padding
+    mask = (ids != 0).long()
+    labels[1, :3] = -100
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    prompt = mask.bool() & (labels == -100)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels, position_ids=position_ids).logits
+        with pytest.raises(ValueError, match=r"attention_mask is a 4-D tensor of shape \(2, 1, 8, 8\).*2-D padding mask.*routing_mask"):
+            model(input_ids=ids, attention_mask=four_d_mask(mask), labels=labels, position_ids=position_ids)
+        # routing_mask marks the prompt's real tokens: the 4-D mask is then only the model's business
+        marked = model(input_ids=ids, attention_mask=four_d_mask(mask), routing_mask=prompt, position_ids=position_ids).logits
+        torch.testing.assert_close(marked[mask.bool()], reference[mask.bool()], rtol=0, atol=1e-6)
+        assert (reference[1, 3:] - model(input_ids=ids[1:, 3:], labels=labels[1:, 3:]).logits[0]).abs().max() < 1e-5
+        with pytest.raises(ValueError, match=r"Examples \[1\] have no prompt"):  # it must mark every example's prompt
+            model(input_ids=ids, attention_mask=four_d_mask(mask), routing_mask=prompt & (torch.arange(2) == 0)[:, None])
+        # segments count real tokens: an error (routing_mask cannot help there), unless the routing reads no input
+        segments = smear_causal("llama", causal_routing="segment", segment_length=3)
+        with pytest.raises(ValueError, match="2-D padding mask") as error:
+            segments(input_ids=ids, attention_mask=four_d_mask(mask), position_ids=position_ids)
+        assert "routing_mask" not in str(error.value)
+        tags = smear_causal("llama", routing="tag", causal_routing="segment", segment_length=3)
+        kwargs = dict(input_ids=ids, position_ids=position_ids, routing_tags=[1, 2])
+        by_tags = tags(**kwargs, attention_mask=four_d_mask(mask)).logits
+        torch.testing.assert_close(by_tags[mask.bool()], tags(**kwargs, attention_mask=mask).logits[mask.bool()], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_generate_with_a_static_cache_routes_as_with_a_dynamic_one_or_names_the_fix(mode):
+    model = smear_causal("llama", **mode)
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        # Unpadded prompts: transformers passes 4-D masks to the decoding steps only, which add real tokens.
+        dynamic = model.generate(input_ids=ids, **kwargs)
+        assert torch.equal(model.generate(input_ids=ids, cache_implementation="static", **kwargs), dynamic)
+        # Left-padded prompts: the prefill gets a 4-D mask too, which hides the padding.
+        ids[1, :2] = 0
+        mask = (ids != 0).long()
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        fix = "routing_mask=attention_mask" if not mode else "dynamic cache"
+        with pytest.raises(ValueError, match=fix):
+            model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+        if not mode:
+            static = model.generate(input_ids=ids, attention_mask=mask, routing_mask=mask, cache_implementation="static", **kwargs)
+            assert torch.equal(static, dynamic)
+    assert model.base_model.frames.current() is None
+
+
 def test_causal_routing_on_an_encoder_decoder_is_refused():
     from tests.conftest import tiny_t5
 

@@ -160,6 +160,55 @@ def test_an_attention_mask_passed_positionally_is_used_for_routing():
     assert (by_name[0] - unmasked[0]).abs().max() > 1e-5  # example 0 has padding, which routing ignores
 
 
+def test_an_attention_mask_routing_cannot_read_is_an_error_unless_routing_does_not_need_it():
+    import transformers
+
+    def classifier(**config):
+        llama = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3,
+        )
+        torch.manual_seed(0)
+        base = transformers.LlamaForSequenceClassification(llama).eval()  # routes on each block's own input
+        model = get_peft_model(base, SmearConfig(num_experts=4, reduction_factor=4, target_modules=["o_proj", "down_proj"], **config))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "smear_" in name:
+                    param.normal_(0.0, 0.3)
+        return model.eval()
+
+    torch.manual_seed(3)
+    ids = torch.randint(2, 64, (2, 6))
+    ids[1, 4:] = 0
+    mask = (ids != 0).long()
+    allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    four_d = allowed | torch.eye(6, dtype=torch.bool)[None, None]  # [B, 1, S, S], the model's own business
+    with torch.no_grad():
+        # the masked mean over real positions, and content keys over real tokens, need the padding
+        for config in (dict(), dict(routing="hash")):
+            with pytest.raises(ValueError, match=r"4-D tensor of shape \(2, 1, 6, 6\).*pass the 2-D padding mask") as error:
+                classifier(**config)(input_ids=ids, attention_mask=four_d)
+            assert "routing_mask" not in str(error.value)  # a causal LM's prompt option, not this model's
+        # tags, explicit hash keys and the authors' unmasked mean do not
+        for config, extra in ((dict(routing="tag"), dict(routing_tags=[0, 1])), (dict(routing="hash"), dict(routing_keys=[3, 4]))):
+            model = classifier(**config)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=four_d, **extra).logits,
+                                       model(input_ids=ids, attention_mask=mask, **extra).logits, rtol=0, atol=1e-6)
+        assert torch.isfinite(classifier(pooling="mean")(input_ids=ids, attention_mask=four_d).logits).all()
+        # decoder blocks of an encoder-decoder average the encoder output over its real positions
+        model = smear_t5()
+        states = torch.randn(2, 6, 32)
+        with pytest.raises(ValueError, match="encoder_attention_mask is a 4-D tensor.*as encoder_attention_mask"):
+            model.get_base_model().get_decoder()(
+                input_ids=torch.zeros(2, 1, dtype=torch.long), encoder_hidden_states=states, encoder_attention_mask=four_d
+            )
+        # generate() keeps the encoder's 2-D mask even with a static cache (only the decoder's self-attention mask is 4-D)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(**kwargs, cache_implementation="static"), model.generate(**kwargs))
+    assert model.base_model.frames.current() is None
+
+
 def test_num_experts_must_be_a_real_integer():
     with pytest.raises(ValueError, match="num_experts"):
         SmearConfig(num_experts=True)
