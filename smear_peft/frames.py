@@ -29,7 +29,11 @@ import torch
 
 def pool(states: torch.Tensor, mask: Optional[torch.Tensor], mode: str = "masked_mean") -> torch.Tensor:
     """Mean of ``states`` ``[B, S, C]`` over positions: over the positions where ``mask`` ``[B, S]`` is set for
-    ``masked_mean`` (when a mask is given), over all of them for ``mean`` (the authors' unmasked mean)."""
+    ``masked_mean`` (when a mask is given), over all of them for ``mean`` (the authors' unmasked mean).
+
+    Sums and counts accumulate in at least float32 (a float16 sum of a few thousand positions overflows, and float16
+    counts past 2048 are inexact); the mean comes back in the dtype of ``states``."""
+    total = torch.promote_types(states.dtype, torch.float32)
     if mode == "masked_mean" and mask is not None:
         if mask.shape != states.shape[:2]:
             raise ValueError(
@@ -37,8 +41,9 @@ def pool(states: torch.Tensor, mask: Optional[torch.Tensor], mode: str = "masked
                 "(batch, positions): pass an attention_mask / routing_mask with one entry per input position."
             )
         weights = mask.to(states.dtype).unsqueeze(-1)
-        return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    return states.mean(1)
+        summed = (states * weights).sum(1, dtype=total) / weights.sum(1, dtype=total).clamp_min(1.0)
+        return summed.to(states.dtype)
+    return states.mean(1, dtype=total).to(states.dtype)
 
 
 @dataclass(eq=False)
@@ -80,6 +85,9 @@ class RoutingFrame:
     input_mask: Optional[torch.Tensor] = None
     prompt_mask: Optional[torch.Tensor] = None
     prompt_error: Optional[str] = None
+    #: Why the padding of this call is unknown (an attention mask that is not a 2-D padding mask); raised by the
+    #: routing that needs it.
+    mask_error: Optional[str] = None
     past_length: int = 0
     content_keys: Optional[torch.Tensor] = None
     #: Pooled encoder output per pooling mode, for the decoder blocks of encoder-decoder models.

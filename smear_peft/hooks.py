@@ -82,6 +82,30 @@ def two_d_mask(value: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
 
 
+def unreadable_mask_error(value: Any, causal_prompt: bool, in_generate: bool, name: str = "attention_mask") -> Optional[str]:
+    """Why routing cannot read each example's padding from ``value`` (an attention mask given to a model or stack),
+    and how to fix it; ``None`` when it can (a 2-D padding mask, or no mask: every position is real)."""
+    if value is None or two_d_mask(value) is not None:
+        return None
+    what = f"a {value.dim()}-D tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else (
+        f"a {type(value).__name__}"
+    )
+    fixes = f"pass the 2-D padding mask [batch, positions] (1 = real token) as {name}; the model builds its own "
+    fixes += "attention masks from it"
+    if causal_prompt:
+        fixes += ", or routing_mask=[batch, positions] marking each example's prompt tokens (never padding)"
+    message = (
+        f"Routing needs to know which positions of each example are padding, but the {name} is {what}, from "
+        f"which smear-peft cannot read it (4-D masks, mask dicts and BlockMasks are not padding masks): {fixes}."
+    )
+    if in_generate:
+        message += (
+            " generate() builds such masks for static (compilable) caches when prompts are padded: use the default "
+            "dynamic cache" + (", or generate(..., routing_mask=attention_mask)" if causal_prompt else "") + "."
+        )
+    return message
+
+
 def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tensor], Optional[str]]:
     """The prompt mask ``[B, S]`` of a causal LM call (or ``None`` and why not).
 
@@ -106,7 +130,10 @@ def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tens
             "not known here. Use generate(), or run the whole sequence (with labels or routing_mask) without "
             "past_key_values."
         )
+    has_tokens = real.any(1)
     routing_mask = frame.routing_mask
+    if routing_mask is None and frame.mask_error is not None:  # the prompt's padding is unknown
+        return None, frame.mask_error
     if routing_mask is not None:
         if session is not None:  # one row per example: repeated for its beams / return sequences
             routing_mask = frame.per_example(routing_mask, real.shape[0], "routing_mask rows")
@@ -115,7 +142,12 @@ def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tens
                 f"routing_mask has shape {tuple(routing_mask.shape)}, but the inputs have {tuple(real.shape)} "
                 "(batch, positions): mark the prompt positions of each input position."
             )
-        prompt = real & routing_mask.to(real.device).bool()
+        marked = routing_mask.to(real.device).bool()
+        if frame.mask_error is not None:
+            # No readable padding mask: routing_mask marks a prefix of each example's real tokens, so the positions
+            # before an example's first marked one are its (left) padding.
+            real = real & (marked.long().cumsum(1) > 0)
+        prompt = real & marked
         later = (real & ~prompt).long().cumsum(1) > 0
         if (later & prompt).any():
             raise ValueError(
@@ -130,7 +162,7 @@ def causal_prompt(frame: RoutingFrame, named: dict) -> tuple[Optional[torch.Tens
             return None, None
         supervised = (labels.to(real.device) != -100) & real
         prompt = real & (supervised.long().cumsum(1) == 0)
-    empty = real.any(1) & ~prompt.any(1)
+    empty = has_tokens & ~prompt.any(1)
     if empty.any():
         raise ValueError(
             f"Examples {empty.nonzero().squeeze(-1).tolist()} have no prompt to route on (their first real token is "
@@ -215,13 +247,22 @@ class FrameHooks:
         session = frame.session
         if session is not None:
             session.forwards += 1
+        # generate()'s decoding steps only add real tokens (static caches pass them 4-D masks): nothing to read there
+        if not (session is not None and frame.past_length):
+            frame.mask_error = self._mask_error(named.get("attention_mask"), session is not None)
         if tuner.has_causal_blocks:
             frame.prompt_mask, frame.prompt_error = causal_prompt(frame, named)
         if frame.keys is None and tuner.needs_keys():
             frame.content_keys = self._causal_content_keys(frame, named) if tuner.has_causal_blocks else (
-                self._content_keys(named, frame.input_mask)
+                self._content_keys(named, frame.input_mask, frame.mask_error)
             )
         return args, kwargs
+
+    def _mask_error(self, value: Any, in_generate: bool = False, name: str = "attention_mask") -> Optional[str]:
+        prompt = self.tuner.has_causal_blocks and any(
+            m.config.causal_routing == "prompt" for m in self.tuner._active_methods()
+        )
+        return unreadable_mask_error(value, prompt, in_generate, name)
 
     def _causal_content_keys(self, frame: RoutingFrame, named: dict) -> Optional[torch.Tensor]:
         """Hash keys of a causal LM come from the prompt only (fixed for a whole generate call), so no token's routing
@@ -231,16 +272,22 @@ class FrameHooks:
             return session.content_keys
         if frame.prompt_mask is None or any(m.config.causal_routing == "segment" for m in self.tuner._active_methods()):
             return None
-        keys = content_keys(named["input_ids"], frame.prompt_mask) if isinstance(named.get("input_ids"), torch.Tensor) else None
+        value = next((named[n] for n in ("input_ids", "inputs_embeds") if isinstance(named.get(n), torch.Tensor)), None)
+        keys = content_keys(value, frame.prompt_mask) if value is not None else None
         if session is not None:
             session.content_keys = keys
         return keys
 
-    def _content_keys(self, named: dict, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _content_keys(self, named: dict, mask: Optional[torch.Tensor], mask_error: Optional[str] = None) -> Optional[torch.Tensor]:
         for name in MAIN_INPUTS:
             value = named.get(name)
             if isinstance(value, torch.Tensor):
-                return content_keys(value, mask if name == "input_ids" else None)
+                # Token ids and embeddings are per position: padding is left out (a mask with one entry per position)
+                if name not in ("input_ids", "inputs_embeds"):
+                    return content_keys(value)
+                if mask is None and mask_error is not None:
+                    raise ValueError(f"routing='hash' hashes each example's real tokens. {mask_error}")
+                return content_keys(value, mask)
         return None
 
     # -- encoder-decoder stacks ------------------------------------------------------------------------------------
@@ -250,8 +297,9 @@ class FrameHooks:
         mask = two_d_mask(named.get("attention_mask"))
         if mask is not None or frame.owner is module:
             frame.input_mask = mask
+            frame.mask_error = self._mask_error(named.get("attention_mask"), frame.session is not None)
         if frame.keys is None and self.tuner.needs_keys():
-            frame.content_keys = self._content_keys(named, mask)
+            frame.content_keys = self._content_keys(named, mask, frame.mask_error)
             if frame.session is not None:
                 frame.session.content_keys = frame.content_keys
         return args, kwargs
@@ -267,6 +315,9 @@ class FrameHooks:
         if session is not None and session.encoder_states is states:
             frame.decoder_sources = session.decoder_sources
             return args, kwargs
+        error = self._mask_error(named.get("encoder_attention_mask"), name="encoder_attention_mask")
+        if error is not None and any(m.uses_router and m.config.pooling == "masked_mean" for m in self.tuner._active_methods()):
+            raise ValueError(f"Decoder routing averages the encoder output over each example's real positions. {error}")
         leaves, sources = [], []
         pooled_by_mode = {}
         for mode in self.tuner.pooling_modes():

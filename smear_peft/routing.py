@@ -366,7 +366,7 @@ class HashRouting(RoutingMethod):
     """A fixed pseudo-random expert per (example key, block), from a portable 64-bit mix (never Python's ``hash``).
 
     Keys come from ``routing_keys`` (e.g. dataset indices, so every prompt template of an example shares its routing);
-    without them each example's key is a content hash of its input ids (or pixels), see `content_keys`.
+    without them each example's key is a content hash of its input ids (or embeddings, or pixels), see `content_keys`.
     """
 
     name = "hash"
@@ -377,7 +377,8 @@ class HashRouting(RoutingMethod):
         if inputs.keys is None:
             raise ValueError(
                 "routing='hash' found no example keys: pass routing_keys=[...] (one int per example), or input_ids / "
-                "pixel_values to hash (causal LMs: the prompt's ids; causal_routing='segment' needs routing_keys)."
+                "inputs_embeds / pixel_values to hash (causal LMs: the prompt's; causal_routing='segment' needs "
+                "routing_keys)."
             )
         experts = hash_experts(inputs.keys.cpu().numpy(), inputs.block_index, self.config.hash_seed, self.config.num_experts)
         return RoutingDecision("select", index=torch.from_numpy(experts).to(inputs.device))
@@ -421,20 +422,41 @@ def hash_experts(keys: np.ndarray, block_index: int, seed: int, num_experts: int
 
 
 def content_keys(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Deterministic 63-bit key per example from its content (token ids or pixel values), ignoring padding.
+    """Deterministic 63-bit key per example from its content (token ids, embeddings or pixel values), ignoring padding.
 
-    ``key_b = splitmix64(sum_j splitmix64(j) * splitmix64(bits(x_bj)))`` over unmasked positions, in wrapping uint64
-    arithmetic, so equal examples get equal keys in any batch, process or machine.
+    ``key_b = splitmix64(sum_j splitmix64(p_bj) * splitmix64(bits(x_bj)))`` over the example's real elements, in
+    wrapping uint64 arithmetic. ``mask`` ``[B, S]`` marks the real positions of ``values`` ``[B, S, ...]``; an
+    element's position ``p_bj`` counts the real elements before it (``rank * inner + offset``, with ``rank`` the
+    number of real positions before its own and ``inner`` the elements per position), so an example gets the same key
+    alone, left- or right-padded, in any batch, process or machine. Without padding (or with right padding only) ``p``
+    is the plain flat index.
     """
-    flat = values.detach().reshape(values.shape[0], -1).cpu()
+    values = values.detach()
+    batch = values.shape[0]
+    flat = values.reshape(batch, -1).cpu()
     if flat.is_floating_point():
         flat = flat.float().view(torch.int32).to(torch.int64)
     array = flat.to(torch.int64).numpy().view(np.uint64)
-    position = splitmix64(np.arange(array.shape[1], dtype=np.uint64))[None, :]
+    if mask is None:
+        position = np.arange(array.shape[1], dtype=np.uint64)[None, :]
+        real = None
+    else:
+        if values.dim() < 2 or tuple(mask.shape) != tuple(values.shape[:2]):
+            raise ValueError(
+                f"content_keys got a mask of shape {tuple(mask.shape)} for inputs of shape {tuple(values.shape)}: the "
+                "mask must mark each (example, position) of the inputs, [batch, positions]. Pass the 2-D padding "
+                "mask of these inputs, or routing_keys=[...] (one int per example)."
+            )
+        inner = math.prod(values.shape[2:])
+        real = mask.detach().reshape(batch, -1).cpu().numpy().astype(bool)  # [B, S]
+        rank = np.maximum(np.cumsum(real, axis=1, dtype=np.int64) - 1, 0)  # real positions before each position
+        offset = np.arange(inner, dtype=np.int64)
+        position = (rank[:, :, None] * inner + offset[None, None, :]).reshape(batch, -1).astype(np.uint64)
+        real = np.repeat(real, inner, axis=1)
     with np.errstate(over="ignore"):
-        terms = splitmix64(array) * position
-    if mask is not None:
-        terms = np.where(mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(bool), terms, np.uint64(0))
+        terms = splitmix64(array) * splitmix64(position)
+    if real is not None:
+        terms = np.where(real, terms, np.uint64(0))
     with np.errstate(over="ignore"):
         total = terms.sum(axis=1, dtype=np.uint64)
     return torch.from_numpy((splitmix64(total) >> np.uint64(1)).astype(np.int64))

@@ -97,6 +97,8 @@ class OwnInput(RoutingSource):
         mask = frame.input_mask
         if mask is not None and tokens.shape[1] == 1 and mask.shape[1] != 1:
             mask = None  # a block on a pooled [B, C] output: one position per example
+        elif mask is None and frame.mask_error is not None and self.pooling == "masked_mean" and tokens.shape[1] != 1:
+            raise ValueError(frame.mask_error)
         return RoutePlan(pooled=frame.pooled(tokens, mask, self.pooling))
 
 
@@ -181,6 +183,8 @@ class CausalSegment(RoutingSource):
         batch, positions, channels = tokens.shape
         length = self.segment_length
         mask = frame.input_mask
+        if mask is None and frame.mask_error is not None:  # segments count real tokens only
+            raise ValueError(frame.mask_error)
         if mask is None:
             mask = torch.ones(batch, positions, dtype=torch.bool, device=tokens.device)
         else:  # with a KV cache the attention mask also covers the cached positions: keep this call's
@@ -209,18 +213,23 @@ class CausalSegment(RoutingSource):
         flat = tokens.reshape(-1, channels)
         valid = mask.reshape(-1)
         units = unit.reshape(-1)[valid]
-        sums = tokens.new_zeros(batch * num_slots, channels).index_add(0, units, flat[valid])
-        counts = torch.zeros(batch * num_slots, dtype=tokens.dtype, device=tokens.device).index_add(
-            0, units, torch.ones_like(units, dtype=tokens.dtype)
+        # Sums and counts accumulate in at least float32 (float16 overflows on long segments), means are in the
+        # tokens' dtype; the running state across decoding steps keeps the float32 sums.
+        total = torch.promote_types(tokens.dtype, torch.float32)
+        sums = torch.zeros(batch * num_slots, channels, dtype=total, device=tokens.device).index_add(
+            0, units, flat[valid].to(total)
+        )
+        counts = torch.zeros(batch * num_slots, dtype=total, device=tokens.device).index_add(
+            0, units, torch.ones_like(units, dtype=total)
         )
         if state is not None:  # the current segment began in an earlier call
             carried = torch.zeros_like(sums).view(batch, num_slots, channels)
-            carried[:, 0] = state.partial_sum.to(tokens.dtype)
+            carried[:, 0] = state.partial_sum.to(total)
             sums = sums + carried.view_as(sums)
             carried_counts = torch.zeros_like(counts).view(batch, num_slots)
-            carried_counts[:, 0] = state.partial_count.to(tokens.dtype)
+            carried_counts[:, 0] = state.partial_count.to(total)
             counts = counts + carried_counts.view_as(counts)
-        means = (sums / counts.clamp_min(1.0)[:, None]).view(batch, num_slots, channels)
+        means = (sums / counts.clamp_min(1.0)[:, None]).to(tokens.dtype).view(batch, num_slots, channels)
         previous = state.previous.to(tokens.dtype) if state is not None else tokens.new_zeros(batch, channels)
         pooled = torch.cat([previous[:, None], means[:, :-1]], dim=1)  # slot j routes on slot j-1
         example = torch.arange(batch, device=tokens.device).repeat_interleave(num_slots)

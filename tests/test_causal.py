@@ -241,6 +241,102 @@ def test_hash_routing_of_a_causal_lm_hashes_the_prompt_only():
         segments(input_ids=ids)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_hash_routing_of_a_left_padded_causal_batch_equals_each_example_alone(model_type):
+    model = smear_causal(model_type, routing="hash")
+    embed = model.get_input_embeddings()
+    torch.manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (7, 4)]
+    width = 7
+    ids = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+    mask = (ids != 0).long()
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # GPT-2 has absolute positions: count them from the first real token
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    layer = next(m for m in model.modules() if type(m).__name__ == "SmearLayer")
+    chosen = []
+    decide = layer.smear_routing["default"].decide
+    layer.smear_routing["default"].decide = lambda inputs: chosen.append(decide(inputs).index.tolist()) or decide(inputs)
+    with torch.no_grad():
+        together = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=prompt[None], **kwargs)[0, len(prompt):]
+            assert torch.equal(together[row], alone)
+        blocks = len(chosen) // 3  # the routing method is shared by the adapter's blocks: one entry per block and call
+        # the padded batch's experts are the examples' own, in every block
+        assert chosen[:blocks] == [a + b for a, b in zip(chosen[blocks:2 * blocks], chosen[2 * blocks:])]
+        assert len({tuple(c) for c in chosen[:blocks]}) > 1
+        # Training-style forwards from ids and from embeddings (hashed over the prompt's real positions only).
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]
+        for inputs in (dict(input_ids=ids), dict(inputs_embeds=embed(ids))):
+            name, value = next(iter(inputs.items()))
+            batched = model(**inputs, attention_mask=mask, position_ids=position_ids, labels=labels).logits
+            alone = model(**{name: value[1:, 3:]}, labels=labels[1:, 3:]).logits
+            torch.testing.assert_close(batched[1, 3:], alone[0], rtol=0, atol=1e-5)
+
+
+def four_d_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The additive [B, 1, S, S] causal mask of a 2-D padding mask (padding rows attend to themselves)."""
+    width = mask.shape[1]
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    allowed = allowed | torch.eye(width, dtype=torch.bool)[None, None]
+    return torch.zeros(mask.shape[0], 1, width, width).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def test_a_4d_attention_mask_is_an_error_naming_the_fix_unless_routing_does_not_need_it():
+    model = smear_causal("llama")
+    ids, labels = prompt_batch(prompt_len=5, total=8)
+    ids[1, :3] = 0  # left padding
+    mask = (ids != 0).long()
+    labels[1, :3] = -100
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    prompt = mask.bool() & (labels == -100)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels, position_ids=position_ids).logits
+        with pytest.raises(ValueError, match=r"attention_mask is a 4-D tensor of shape \(2, 1, 8, 8\).*2-D padding mask.*routing_mask"):
+            model(input_ids=ids, attention_mask=four_d_mask(mask), labels=labels, position_ids=position_ids)
+        # routing_mask marks the prompt's real tokens: the 4-D mask is then only the model's business
+        marked = model(input_ids=ids, attention_mask=four_d_mask(mask), routing_mask=prompt, position_ids=position_ids).logits
+        torch.testing.assert_close(marked[mask.bool()], reference[mask.bool()], rtol=0, atol=1e-6)
+        assert (reference[1, 3:] - model(input_ids=ids[1:, 3:], labels=labels[1:, 3:]).logits[0]).abs().max() < 1e-5
+        with pytest.raises(ValueError, match=r"Examples \[1\] have no prompt"):  # it must mark every example's prompt
+            model(input_ids=ids, attention_mask=four_d_mask(mask), routing_mask=prompt & (torch.arange(2) == 0)[:, None])
+        # segments count real tokens: an error (routing_mask cannot help there), unless the routing reads no input
+        segments = smear_causal("llama", causal_routing="segment", segment_length=3)
+        with pytest.raises(ValueError, match="2-D padding mask") as error:
+            segments(input_ids=ids, attention_mask=four_d_mask(mask), position_ids=position_ids)
+        assert "routing_mask" not in str(error.value)
+        tags = smear_causal("llama", routing="tag", causal_routing="segment", segment_length=3)
+        kwargs = dict(input_ids=ids, position_ids=position_ids, routing_tags=[1, 2])
+        by_tags = tags(**kwargs, attention_mask=four_d_mask(mask)).logits
+        torch.testing.assert_close(by_tags[mask.bool()], tags(**kwargs, attention_mask=mask).logits[mask.bool()], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_generate_with_a_static_cache_routes_as_with_a_dynamic_one_or_names_the_fix(mode):
+    model = smear_causal("llama", **mode)
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        # Unpadded prompts: transformers passes 4-D masks to the decoding steps only, which add real tokens.
+        dynamic = model.generate(input_ids=ids, **kwargs)
+        assert torch.equal(model.generate(input_ids=ids, cache_implementation="static", **kwargs), dynamic)
+        # Left-padded prompts: the prefill gets a 4-D mask too, which hides the padding.
+        ids[1, :2] = 0
+        mask = (ids != 0).long()
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        fix = "routing_mask=attention_mask" if not mode else "dynamic cache"
+        with pytest.raises(ValueError, match=fix):
+            model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+        if not mode:
+            static = model.generate(input_ids=ids, attention_mask=mask, routing_mask=mask, cache_implementation="static", **kwargs)
+            assert torch.equal(static, dynamic)
+    assert model.base_model.frames.current() is None
+
+
 def test_causal_routing_on_an_encoder_decoder_is_refused():
     from tests.conftest import tiny_t5
 
@@ -335,3 +431,32 @@ def test_generation_strategies_that_cannot_keep_causal_routing_are_refused(mode)
         with pytest.raises(ValueError, match=message):
             model.generate(**kwargs, **extra)
     assert model.base_model.frames.current() is None
+
+@pytest.mark.parametrize("mode", [dict(), dict(causal_routing="segment", segment_length=2100)], ids=MODE_IDS)
+def test_float16_routing_on_a_long_prompt_stays_finite_and_close_to_float32(mode):
+    import copy
+
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=4400, pad_token_id=0)).eval()
+    with torch.no_grad():
+        base.transformer.h[0].mlp.c_proj.bias[0] = 40.0  # one large channel: its float16 sum over 2100 positions is inf
+    model = get_peft_model(base, SmearConfig(num_experts=4, reduction_factor=4, **mode)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "smear_" in name:
+                param.normal_(0.0, 0.3)
+    half = copy.deepcopy(model).half()
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (1, 4300))
+    labels = ids.clone()
+    labels[:, :2100] = -100
+    with torch.no_grad():
+        wide = model(input_ids=ids, labels=labels).logits
+        narrow = half(input_ids=ids, labels=labels).logits
+        with half.disable_adapter(), model.disable_adapter():
+            base_gap = (half(input_ids=ids).logits.float() - model(input_ids=ids).logits).abs().max()
+    assert torch.isfinite(narrow).all()
+    # as close to float32 as the base model in float16 is (its own float16 rounding), with routing on top
+    assert (narrow.float() - wide).abs().max() < 10 * base_gap + 1e-3

@@ -160,6 +160,55 @@ def test_an_attention_mask_passed_positionally_is_used_for_routing():
     assert (by_name[0] - unmasked[0]).abs().max() > 1e-5  # example 0 has padding, which routing ignores
 
 
+def test_an_attention_mask_routing_cannot_read_is_an_error_unless_routing_does_not_need_it():
+    import transformers
+
+    def classifier(**config):
+        llama = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3,
+        )
+        torch.manual_seed(0)
+        base = transformers.LlamaForSequenceClassification(llama).eval()  # routes on each block's own input
+        model = get_peft_model(base, SmearConfig(num_experts=4, reduction_factor=4, target_modules=["o_proj", "down_proj"], **config))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "smear_" in name:
+                    param.normal_(0.0, 0.3)
+        return model.eval()
+
+    torch.manual_seed(3)
+    ids = torch.randint(2, 64, (2, 6))
+    ids[1, 4:] = 0
+    mask = (ids != 0).long()
+    allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    four_d = allowed | torch.eye(6, dtype=torch.bool)[None, None]  # [B, 1, S, S], the model's own business
+    with torch.no_grad():
+        # the masked mean over real positions, and content keys over real tokens, need the padding
+        for config in (dict(), dict(routing="hash")):
+            with pytest.raises(ValueError, match=r"4-D tensor of shape \(2, 1, 6, 6\).*pass the 2-D padding mask") as error:
+                classifier(**config)(input_ids=ids, attention_mask=four_d)
+            assert "routing_mask" not in str(error.value)  # a causal LM's prompt option, not this model's
+        # tags, explicit hash keys and the authors' unmasked mean do not
+        for config, extra in ((dict(routing="tag"), dict(routing_tags=[0, 1])), (dict(routing="hash"), dict(routing_keys=[3, 4]))):
+            model = classifier(**config)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=four_d, **extra).logits,
+                                       model(input_ids=ids, attention_mask=mask, **extra).logits, rtol=0, atol=1e-6)
+        assert torch.isfinite(classifier(pooling="mean")(input_ids=ids, attention_mask=four_d).logits).all()
+        # decoder blocks of an encoder-decoder average the encoder output over its real positions
+        model = smear_t5()
+        states = torch.randn(2, 6, 32)
+        with pytest.raises(ValueError, match="encoder_attention_mask is a 4-D tensor.*as encoder_attention_mask"):
+            model.get_base_model().get_decoder()(
+                input_ids=torch.zeros(2, 1, dtype=torch.long), encoder_hidden_states=states, encoder_attention_mask=four_d
+            )
+        # generate() keeps the encoder's 2-D mask even with a static cache (only the decoder's self-attention mask is 4-D)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(**kwargs, cache_implementation="static"), model.generate(**kwargs))
+    assert model.base_model.frames.current() is None
+
+
 def test_num_experts_must_be_a_real_integer():
     with pytest.raises(ValueError, match="num_experts"):
         SmearConfig(num_experts=True)
@@ -247,3 +296,36 @@ def test_inference_mode_gives_the_no_grad_outputs():
             expected = model(**inputs).logits
         with torch.inference_mode():
             assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_pooled_routing_inputs_accumulate_float16_in_float32():
+    from smear_peft.frames import RoutingFrame, pool
+    from smear_peft.sources import CausalSegment
+
+    # 2000 positions of 40.0: a float16 sum (80000) overflows to inf; float16 counts past 2048 are inexact (3001 -> 3000)
+    for positions, value in ((2000, 40.0), (3001, 1.0)):
+        states = torch.full((2, positions, 4), value, dtype=torch.float16)
+        mask = torch.ones(2, positions, dtype=torch.long)
+        mask[1, positions // 2:] = 0
+        states[1, positions // 2:] = 1000.0  # padding, left out of the masked mean
+        expected = torch.full((2, 4), value, dtype=torch.float16)
+        assert torch.equal(pool(states, mask, "masked_mean"), expected)
+        assert torch.equal(pool(states[:1], None, "mean"), expected[:1])
+        assert pool(states, mask).dtype == torch.float16
+    # The mean of random values: the float32 mean of the same float16 numbers, rounded once to float16.
+    torch.manual_seed(0)
+    states = (torch.randn(3, 2500, 8) * 30 + 20).half()
+    mask = torch.rand(3, 2500) > 0.3
+    reference = (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.equal(pool(states, mask), reference.half())
+    assert torch.equal(pool(states, None, "mean"), states.float().mean(1).half())
+    # float32 and float64 inputs: unchanged (summed in their own dtype)
+    for dtype in (torch.float32, torch.float64):
+        wide = states.to(dtype)
+        weights = mask.to(dtype).unsqueeze(-1)
+        assert torch.equal(pool(wide, mask), (wide * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+    # Causal segments: the segment sums too (a 2500-token segment of 40.0; the next segment routes on its mean).
+    states = torch.full((1, 5000, 4), 40.0, dtype=torch.float16)
+    plan = CausalSegment(2500).plan(object(), "default", states, RoutingFrame(kind="forward"), needs_input=True)
+    assert plan.pooled.dtype == torch.float16
+    assert torch.equal(plan.pooled, torch.tensor([[0.0] * 4, [40.0] * 4], dtype=torch.float16))

@@ -622,6 +622,87 @@ def test_hash_routing_without_keys_hashes_content_ignoring_padding():
     assert key == content_keys(batch, (batch != 0).long())[1].item() and key >= 0
 
 
+def reference_content_key(values: torch.Tensor, real: list) -> int:
+    """`content_keys` of one example, written out element by element with Python ints: the example's real elements
+    in order, each at its position among the real elements."""
+    mask64 = 2**64 - 1
+
+    def mix(z: int) -> int:  # SplitMix64 finaliser
+        z = (z + 0x9E3779B97F4A7C15) & mask64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        return z ^ (z >> 31)
+
+    total, position = 0, 0
+    for value, keep in zip(values, real):
+        for element in value.reshape(-1):
+            bits = element.float().view(torch.int32).item() if element.is_floating_point() else element.item()
+            if keep:
+                total = (total + mix(position) * mix(bits & mask64)) & mask64
+                position += 1
+    return mix(total) >> 1
+
+
+def test_content_keys_count_positions_among_real_tokens_only():
+    ids = torch.tensor([[5, 9, 3, 1, 0, 0], [7, 7, 2, 8, 1, 4]])
+    embeds = torch.linspace(-1, 1, 2 * 3 * 4).view(2, 3, 4)
+    pixels = torch.linspace(0, 1, 2 * 3 * 2 * 2).view(2, 3, 2, 2)
+    # Pinned: unpadded and right-padded inputs keep the keys of the earlier absolute-index formula, so saved hash-routed
+    # adapters route them as before.
+    assert content_keys(ids, (ids != 0).long()).tolist() == [4677729080684622770, 8706346318903761883]
+    assert content_keys(ids).tolist() == [6897930242998420787, 8706346318903761883]
+    assert content_keys(embeds).tolist() == content_keys(embeds, torch.ones(2, 3)).tolist() == [
+        6762032385052424212, 1800338025971685578]
+    assert content_keys(pixels).tolist() == [3132780902286355316, 4887708993289078119]
+    # An example alone, left-padded, right-padded and padded on both sides: one key, the element-by-element formula's.
+    example = torch.tensor([5, 9, 3, 1])
+    layouts = [(0, 0), (3, 0), (0, 2), (2, 1)]
+    batch = torch.zeros(len(layouts), 7, dtype=torch.long)
+    for row, (left, _) in enumerate(layouts):
+        batch[row, left:left + 4] = example
+    mask = (batch != 0).long()
+    keys = content_keys(batch, mask).tolist()
+    assert keys == [content_keys(example[None]).item()] * 4 == [reference_content_key(example[:, None], [1] * 4)] * 4
+    assert keys[0] == 4677729080684622770
+    # Embeddings [B, S, C]: padding positions are left out whole; left padding does not shift the key.
+    table = torch.randn(64, 3)
+    assert content_keys(table[batch], mask).tolist() == [content_keys(table[example][None]).item()] * 4
+    assert keys[0] == reference_content_key(batch[1], mask[1].tolist())
+    assert content_keys(table[batch], mask)[2].item() == reference_content_key(table[batch[2]], mask[2].tolist())
+    # The content still matters: another token, or the same tokens in another order, is another key.
+    assert len(set(content_keys(torch.tensor([[5, 9, 3, 1], [5, 9, 3, 2], [9, 5, 3, 1]])).tolist())) == 3
+    with pytest.raises(ValueError, match="batch, positions"):
+        content_keys(batch, mask[:, :5])
+
+
+def test_hash_routing_without_keys_is_the_same_alone_left_or_right_padded_from_ids_or_embeddings():
+    model = build("hash").eval()
+    embed = model.get_input_embeddings()
+    example = torch.tensor([[5, 9, 3, 1]])
+    other = torch.tensor([[8, 8, 8, 8, 8, 1]])
+    decoder_ids = torch.zeros(2, 2, dtype=torch.long)
+
+    def run(**inputs):
+        with RoutingRecorder(model) as recorder, torch.no_grad():
+            logits = model(**inputs, decoder_input_ids=decoder_ids[: len(next(iter(inputs.values())))]).logits
+        return {block: recorder.chosen(block).tolist() for block in recorder.block_names}, logits
+
+    alone, alone_logits = run(input_ids=example)
+    alone_embeds, alone_embeds_logits = run(inputs_embeds=embed(example))
+    assert len({tuple(v) for v in alone.values()}) > 1  # (ids and embeddings are different contents: other keys)
+    for left in (True, False):
+        padding = torch.zeros(1, 2, dtype=torch.long)
+        row = torch.cat([padding, example] if left else [example, padding], 1)
+        batch = torch.cat([other, row])
+        mask = (batch != 0).long()
+        batched, batched_logits = run(input_ids=batch, attention_mask=mask)
+        batched_embeds, embeds_logits = run(inputs_embeds=embed(batch), attention_mask=mask)
+        assert {b: v[1:] for b, v in batched.items()} == alone
+        assert {b: v[1:] for b, v in batched_embeds.items()} == alone_embeds
+        torch.testing.assert_close(batched_logits[1], alone_logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(embeds_logits[1], alone_embeds_logits[0], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Monolithic
 # ------------------------------------------------------------------------------------------------------------------
