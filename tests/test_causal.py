@@ -432,6 +432,7 @@ def test_generation_strategies_that_cannot_keep_causal_routing_are_refused(mode)
             model.generate(**kwargs, **extra)
     assert model.base_model.frames.current() is None
 
+
 @pytest.mark.parametrize("mode", [dict(), dict(causal_routing="segment", segment_length=2100)], ids=MODE_IDS)
 def test_float16_routing_on_a_long_prompt_stays_finite_and_close_to_float32(mode):
     import copy
