@@ -289,9 +289,12 @@ class SmearLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         for scale in output_scales:
             result = _scale_rows(result, scale)
+        # As PEFT's LoRA: the updates are added in their own (possibly higher) precision, and the sum is rounded to
+        # the layer's dtype once.
+        dtype = result.dtype
         for update in lora_updates:
-            result = result + update.reshape(*result.shape[:-1], -1).to(result.dtype)
-        return result
+            result = result + update.reshape(*result.shape[:-1], -1)
+        return result.to(dtype)
 
     def _linear_tokens(self, x: torch.Tensor, frame: RoutingFrame) -> torch.Tensor:
         """``[B, positions, in]`` view of a Linear layer's input (``[B, in]``: one position; ``[B * S, in]`` when the

@@ -134,6 +134,8 @@ class CausalPrompt(RoutingSource):
             return RoutePlan(cached=session.blocks[key])
         if session is not None and key in session.prompt_inputs:
             return RoutePlan(pooled=session.prompt_inputs[key], store=_store(session, key))
+        if not needs_input:  # tags, explicit keys, monolithic: nothing to read from the prompt
+            return RoutePlan(store=_store(session, key))
         if frame.prompt_mask is None:
             raise ValueError(frame.prompt_error or _NO_PROMPT)
         pooled = frame.pooled(tokens, frame.prompt_mask, "masked_mean")

@@ -461,3 +461,20 @@ def test_float16_routing_on_a_long_prompt_stays_finite_and_close_to_float32(mode
     assert torch.isfinite(narrow).all()
     # as close to float32 as the base model in float16 is (its own float16 rounding), with routing on top
     assert (narrow.float() - wide).abs().max() < 10 * base_gap + 1e-3
+
+
+@pytest.mark.parametrize("routing", ["monolithic", "tag"])
+def test_routing_that_reads_no_input_needs_no_prompt(routing):
+    model = smear_causal("llama", routing=routing)
+    ids, _ = prompt_batch()
+    tags = dict(routing_tags=[1, 3]) if routing == "tag" else {}
+    routing_mask = torch.zeros_like(ids, dtype=torch.bool)
+    routing_mask[:, :4] = True
+    with torch.no_grad():
+        plain = model(input_ids=ids, **tags).logits  # a plain LM call: nothing to route on, nothing needed
+        marked = model(input_ids=ids, routing_mask=routing_mask, **tags).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.equal(plain, marked) and not torch.allclose(plain, base)
+    with pytest.raises(ValueError, match="routing_mask"):
+        smear_causal("llama")(input_ids=ids)  # a routed method still needs its prompt
