@@ -157,21 +157,25 @@ class RoutingFrame:
 
         ``states`` is recognised by the tensor it views (alive, same storage position, shape, strides, dtype and
         version counter) under the same mask and pooling mode, with gradients enabled or not as at the first call.
-        Only an open forward frame shares (the shared `EMPTY_FRAME`, recomputations after the call and tensors made
-        under ``torch.inference_mode`` never do)."""
-        if not self.records or states.is_inference():  # inference tensors have no version counter to check
+        An open forward frame shares across its blocks; inside a gradient-checkpointed layer, only the blocks of that
+        layer call share (`CarryFrames`), in its forward and in its recomputation alike. Otherwise (the shared
+        `EMPTY_FRAME`, tensors made under ``torch.inference_mode``) nothing is shared."""
+        pools = _LAYER_POOLS.get()
+        if pools is None:
+            pools = self.pools if self.records else None
+        if pools is None or states.is_inference():  # inference tensors have no version counter to check
             return pool(states, mask, mode)
         owner = states._base if states._base is not None else states
         key = (
             id(owner), states.storage_offset(), tuple(states.shape), states.stride(), states.dtype, states._version,
             states.requires_grad, torch.is_grad_enabled(), id(mask) if mask is not None else None, mode,
         )
-        entry = self.pools.get(key)
+        entry = pools.get(key)
         if entry is not None and entry[0]() is owner and (mask is None or entry[1]() is mask):
             return entry[2]
         pooled = pool(states, mask, mode)
         # Weak references: the cache never keeps a layer input (or a mask) alive; a freed one cannot be matched.
-        self.pools[key] = (weakref.ref(owner), weakref.ref(mask) if mask is not None else None, pooled)
+        pools[key] = (weakref.ref(owner), weakref.ref(mask) if mask is not None else None, pooled)
         return pooled
 
     @property
@@ -239,8 +243,22 @@ class CarryFrames:
         return self.checkpoint(functools.partial(_run_in, context, function), *args, **kwargs)
 
 
+#: Pooled routing inputs shared by the blocks of one checkpointed layer call (`RoutingFrame.pooled`). Its forward and
+#: its recomputation each get a fresh scope, so both share exactly the same way and save the same tensors, as
+#: non-reentrant checkpointing requires.
+_LAYER_POOLS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("smear_layer_pools", default=None)
+
+
 def _run_in(context: contextvars.Context, function: Any, *args: Any, **kwargs: Any) -> Any:
-    return context.run(function, *args, **kwargs)
+    return context.run(_in_layer_scope, function, *args, **kwargs)
+
+
+def _in_layer_scope(function: Any, *args: Any, **kwargs: Any) -> Any:
+    token = _LAYER_POOLS.set({})
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _LAYER_POOLS.reset(token)
 
 
 class RelayRoutingGradient(torch.autograd.Function):

@@ -421,3 +421,26 @@ def test_monolithic_lora_experts_on_a_bfloat16_model_round_as_peft_lora(autocast
         assert torch.equal(ours, theirs)
     else:  # rounding the update to bf16 before adding it (as before) gave 5.0e-4 here, more than PEFT's own 4.4e-4
         assert (ours.float() - theirs.float()).abs().mean() < 0.2 * (theirs.float() - exact).abs().mean()
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_gradient_checkpointing_with_a_padded_batch_gives_the_same_gradients(family, expert_type, t5_batch, lm_batch):
+    """Blocks of one layer share their pooled routing input (q / k / v): a checkpointed layer shares the same way when
+    it is recomputed, so non-reentrant checkpointing (transformers' default) saves the same tensors and is exact."""
+
+    def gradients(checkpointing):
+        base = (tiny_t5(dropout_rate=0.0) if family == "t5" else tiny_llama()).double()  # float64: compare exactly
+        model = randomise(get_peft_model(base, config_for(expert_type, "smear"))).train()
+        if checkpointing is not None:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model(**(t5_batch if family == "t5" else lm_batch)).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients(None)
+    assert len(plain) > 0 and all(g is not None for g in plain.values())
+    for checkpointing in ({"use_reentrant": False}, {"use_reentrant": True}):
+        checkpointed = gradients(checkpointing)
+        assert checkpointed.keys() == plain.keys()
+        for name, grad in plain.items():
+            torch.testing.assert_close(checkpointed[name], grad, rtol=1e-9, atol=1e-12)
