@@ -55,6 +55,9 @@ class ArchitecturePreset:
             (``parent`` is the module holding the target).
         flattened_outputs: Insertion points (names, as in ``targets``) whose output is ``[batch * positions, C]``.
         gumbel_schedule: Default of ``SmearConfig.gumbel_schedule`` (the authors' loop for this family).
+        encoder_reads_attention_mask: ``False`` for encoders that attend to every position whatever the attention
+            mask says (Whisper: the mask counts input frames, and the model ignores it). Their blocks then pool over
+            every position, as the encoder sees them, instead of reading the mask.
     """
 
     model_types: tuple[str, ...]
@@ -68,6 +71,7 @@ class ArchitecturePreset:
     hidden_size: Callable[[nn.Module, nn.Module], int] | None = field(default=None, compare=False)
     flattened_outputs: tuple[tuple[str, ...], ...] = ()
     gumbel_schedule: str = "t5"
+    encoder_reads_attention_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.position not in ("output", "input"):
@@ -214,6 +218,7 @@ WHISPER_PRESET = ArchitecturePreset(
     model_types=("whisper",),
     targets={"self_attention": ("self_attn",), "cross_attention": ("encoder_attn",), "feed_forward": ("fc2",)},
     layer_norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm", "layer_norm"),
+    encoder_reads_attention_mask=False,  # Whisper's encoder attends to all 1500 positions; its mask counts 3000 frames
 )
 
 #: Causal LMs with Llama-style layers: ``self_attn`` and ``mlp`` return their sublayer output before the residual

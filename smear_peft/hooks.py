@@ -295,7 +295,10 @@ class FrameHooks:
         named = named_inputs(module, args, kwargs)
         frame = self._joinable() or self._open(module)
         mask = two_d_mask(named.get("attention_mask"))
-        if mask is not None or frame.owner is module:
+        preset = self.tuner.preset
+        if preset is not None and not preset.encoder_reads_attention_mask:  # every position counts, as in the model
+            frame.input_mask, frame.mask_error, mask = None, None, None
+        elif mask is not None or frame.owner is module:
             frame.input_mask = mask
             frame.mask_error = self._mask_error(named.get("attention_mask"), frame.session is not None)
         if frame.keys is None and self.tuner.needs_keys():

@@ -320,7 +320,13 @@ class SmearModel(BaseTuner):
 
     # -- what the frame hooks ask --------------------------------------------------------------------------------
     def _active_methods(self) -> list[RoutingMethod]:
-        return [self._routing_methods[a] for a in self.active_adapters if a in self._routing_methods]
+        """Routing methods of the active adapters and, in a mixed adapter batch, of the adapters it names (what a call
+        must prepare for: content keys, pooling modes, the causal prompt)."""
+        names = list(self.active_adapters)
+        frame = self.frames.current()
+        if frame is not None and frame.adapter_names is not None:
+            names += [name for name in dict.fromkeys(frame.adapter_names) if name not in names]
+        return [self._routing_methods[a] for a in names if a in self._routing_methods]
 
     def needs_keys(self) -> bool:
         return any(m.needs_keys for m in self._active_methods())

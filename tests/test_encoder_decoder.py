@@ -134,6 +134,27 @@ def test_whisper_forward_and_generate_with_defaults():
     assert generated.shape[0] == 2
 
 
+def test_whisper_ignores_the_attention_mask_as_its_encoder_does():
+    """Whisper's feature extractor can return an attention mask over input frames, which the model ignores (its encoder
+    attends to every position): routing does the same instead of failing on the length mismatch."""
+    model = get_peft_model(tiny_whisper(), SmearConfig(num_experts=3, init_weights=False)).eval()
+    features = torch.randn(2, 8, 16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    decoder_input_ids = torch.tensor([[1, 5, 7], [1, 6, 9]])
+    with torch.no_grad():
+        without = model(input_features=features, decoder_input_ids=decoder_input_ids).logits
+        masked = model(input_features=features, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+        with model.disable_adapter():
+            base = model(input_features=features, decoder_input_ids=decoder_input_ids).logits
+            base_masked = model(input_features=features, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+        generated = model.generate(input_features=features, max_new_tokens=3)
+        generated_masked = model.generate(input_features=features, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(base, base_masked)  # the model ignores the mask ...
+    assert torch.equal(masked, without) and not torch.allclose(without, base)  # ... and so does routing
+    assert torch.equal(generated, generated_masked)
+
+
 def test_vision_encoder_decoder_generate_equals_step_by_step_decoding():
     model = smear_model("vision_encoder_decoder", dtype=torch.float32).eval()
     pixels = inputs_for("vision_encoder_decoder")["pixel_values"]

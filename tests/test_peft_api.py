@@ -134,6 +134,28 @@ def test_mixed_adapter_batch_forward_takes_each_example_from_its_adapter():
         assert (model(**inputs).logits[0] - mixed[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("pooling", ["masked_mean", "mean"])
+def test_a_mixed_batch_prepares_what_each_named_adapter_needs_whichever_is_active(pooling):
+    """Content keys (hash routing) and pooling modes are prepared for the adapters a mixed batch names, not only for
+    the active one."""
+    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=2, reduction_factor=4, init_weights=False))
+    model.add_adapter("hashed", SmearConfig(num_experts=3, reduction_factor=4, routing="hash", init_weights=False,
+                                            pooling=pooling))
+    model.add_adapter("pooled", SmearConfig(num_experts=3, reduction_factor=4, init_weights=False, pooling=pooling))
+    model.eval()
+    torch.manual_seed(3)
+    ids = torch.randint(2, 64, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.zeros(3, 3, dtype=torch.long)}
+    names = ["hashed", "default", "pooled"]
+    with torch.no_grad():
+        model.set_adapter("default")
+        mixed = model(**inputs, adapter_names=names).logits
+        for i, name in enumerate(names):
+            assert torch.equal(mixed[i], run_as(model, name, lambda: model(**inputs).logits)[i]), name
+
+
 def test_mixed_adapter_batch_generate_with_beams_and_a_causal_lm_with_lora_experts():
     from .test_causal import tiny_causal
 
