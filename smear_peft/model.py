@@ -19,7 +19,7 @@ from .batch_norm import backbone_batch_norms, keep_in_eval_mode, wrap_batch_norm
 from .config import FEEDFORWARD_PRESET, SUBLAYERS, SmearConfig, check_layer_selection
 from .expert_types import linear_shape, matches_modules, preset_targets
 from .frames import CarryFrames, FrameStack, GenerationSession
-from .hooks import ROUTING_KWARGS, FrameHooks
+from .hooks import ROUTING_KWARGS, FrameHooks, batch_size_of
 from .layer import SmearLayer
 from .losses import reinforce_loss
 from .mixed_batch import MixedModulesToSave, check_adapter_names
@@ -522,17 +522,12 @@ class SmearModel(BaseTuner):
 
 
 def generation_batch_size(args: tuple, kwargs: dict) -> Optional[int]:
-    """Number of examples a ``generate`` call was given (before beams / return sequences), or None if unknown."""
-    candidates = [args[0]] if args else []
-    candidates += [kwargs.get(name) for name in ("inputs", "input_ids", "inputs_embeds", "input_features",
-                                                  "input_values", "pixel_values", "attention_mask")]
+    """Number of examples a ``generate`` call was given (before beams / return sequences), or None if unknown: its
+    main input (``inputs``, the first positional argument, or a named one), else its attention mask or encoder
+    output."""
     encoder_outputs = kwargs.get("encoder_outputs")
-    if encoder_outputs is not None:
-        candidates.append(encoder_outputs[0])
-    for value in candidates:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
+    fallbacks = (kwargs.get("attention_mask"), encoder_outputs[0] if encoder_outputs is not None else None)
+    return batch_size_of({**kwargs, "__args__": (kwargs.get("inputs"), *args, *fallbacks)})
 
 
 def _cache_length(cache: Any) -> int:

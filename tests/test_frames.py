@@ -14,14 +14,18 @@ from smear_peft.losses import reinforce_loss
 from .conftest import tiny_t5
 
 
-def smear_t5(**config):
-    model = get_peft_model(tiny_t5(), SmearConfig(num_experts=4, reduction_factor=4, **config))
-    torch.manual_seed(2)
+def randomised(model, seed: int):
+    """``model`` in eval mode with its adapters and routers drawn away from their init, so that routing matters."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "smear_" in name:
                 param.normal_(0.0, 0.3)
     return model.eval()
+
+
+def smear_t5(**config):
+    return randomised(get_peft_model(tiny_t5(), SmearConfig(num_experts=4, reduction_factor=4, **config)), seed=2)
 
 
 def batch(seed: int, size: int = 3):
@@ -171,12 +175,7 @@ def test_an_attention_mask_routing_cannot_read_is_an_error_unless_routing_does_n
         torch.manual_seed(0)
         base = transformers.LlamaForSequenceClassification(llama).eval()  # routes on each block's own input
         model = get_peft_model(base, SmearConfig(num_experts=4, reduction_factor=4, target_modules=["o_proj", "down_proj"], **config))
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "smear_" in name:
-                    param.normal_(0.0, 0.3)
-        return model.eval()
+        return randomised(model, seed=1)
 
     torch.manual_seed(3)
     ids = torch.randint(2, 64, (2, 6))
